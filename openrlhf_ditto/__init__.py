@@ -1,3 +1,25 @@
 """DITTO (Shaikh et al., arXiv 2406.00888) for OpenRLHF."""
 
+from openrlhf_ditto.demos import Demo, load_demos
+from openrlhf_ditto.experience import DittoExperienceMaker
+from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
+from openrlhf_ditto.pairs import KINDS, Pair, PairBatch, PairSampler, SequenceBatch, collate, collate_pairs
+from openrlhf_ditto.store import Response, SampleStore
+
 __version__ = "0.1.0"
+__all__ = [
+    "KINDS",
+    "Demo",
+    "DittoActorLoss",
+    "DittoExperienceMaker",
+    "Pair",
+    "PairBatch",
+    "PairSampler",
+    "Response",
+    "SampleStore",
+    "SequenceBatch",
+    "collate",
+    "collate_pairs",
+    "load_demos",
+    "sequence_logps",
+]

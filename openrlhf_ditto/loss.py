@@ -1,0 +1,80 @@
+"""DittoActorLoss: DPO on ranked pairs against the frozen reference, with metrics per pair kind."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openrlhf_ditto.pairs import KINDS, SequenceBatch
+
+
+class DittoActorLoss(nn.Module):
+    """The DPO loss of `openrlhf.models.loss.DPOLoss` (same beta, cDPO label smoothing and IPO), plus an optional
+    NLL term on the demos' tokens (`nll_coef`, mean per-token NLL of the chosen demos), and metrics per kind."""
+
+    def __init__(self, beta: float = 0.05, label_smoothing: float = 0.0, ipo: bool = False, nll_coef: float = 0.0):
+        super().__init__()
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.ipo = ipo
+        self.nll_coef = nll_coef
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: torch.Tensor,
+        reference_rejected_logps: torch.Tensor,
+        kinds: torch.Tensor,
+        chosen_lengths: torch.Tensor | None = None,
+        chosen_is_demo: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+        if self.ipo:
+            losses = (logits - 1 / (2 * self.beta)) ** 2  # Eq. 17 of arXiv 2310.12036
+        else:  # label_smoothing = 0 is the original DPO; > 0 is conservative DPO
+            losses = (
+                -F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing)
+                - F.logsigmoid(-self.beta * logits) * self.label_smoothing
+            )
+        loss = losses.mean()
+        metrics = {"dpo_loss": loss.item()}
+        if self.nll_coef > 0 and chosen_is_demo is not None and chosen_is_demo.any():
+            nll = -(policy_chosen_logps / chosen_lengths)[chosen_is_demo].mean()
+            loss = loss + self.nll_coef * nll
+            metrics["demo_nll"] = nll.item()
+
+        chosen_rewards = self.beta * (policy_chosen_logps - reference_chosen_logps).detach()
+        rejected_rewards = self.beta * (policy_rejected_logps - reference_rejected_logps).detach()
+        margins = chosen_rewards - rejected_rewards
+        metrics.update(loss=loss.item(), acc=(margins > 0).float().mean().item(), margin=margins.mean().item())
+        for k, name in enumerate(KINDS):
+            mask = kinds == k
+            n = int(mask.sum())
+            metrics[f"{name}/count"] = n
+            if n:
+                metrics[f"{name}/loss"] = losses.detach()[mask].mean().item()
+                metrics[f"{name}/acc"] = (margins[mask] > 0).float().mean().item()
+                metrics[f"{name}/margin"] = margins[mask].mean().item()
+                metrics[f"{name}/chosen_reward"] = chosen_rewards[mask].mean().item()
+                metrics[f"{name}/rejected_reward"] = rejected_rewards[mask].mean().item()
+        return loss, metrics
+
+
+def sequence_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """Sum of log p(response token | prefix) per row, for an HF causal LM, in fp32.
+
+    Positions come from the attention mask as in OpenRLHF's `Actor.forward`, so left padding changes nothing.
+    Only the response positions' logits are computed (`logits_to_keep`), which spares the full-vocabulary
+    projection of every prompt token.
+    """
+    R = batch.action_mask.shape[1]
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = (
+        model(batch.sequences, attention_mask=batch.attention_mask, position_ids=position_ids, logits_to_keep=R + 1)
+        .logits[:, :-1]
+        .float()
+    )
+    targets = batch.sequences[:, -R:]
+    # log_softmax(x)[y] = x[y] - logsumexp(x), without a second vocabulary-sized tensor
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logps * batch.action_mask).sum(-1)

@@ -1,0 +1,138 @@
+"""Ranked pairs: demos beat every policy sample, later policies beat earlier ones.
+
+Three kinds of pair (chosen > rejected), mixed in each batch by configurable fractions:
+  online       a demo of prompt p  > a sample of p from the current iteration t
+  replay       a demo of prompt p  > a sample of p from an earlier iteration j < t
+  inter_model  a sample of p from iteration i > a sample of p from iteration j < i  (i <= t)
+At iteration 0 there is no earlier iteration: the replay and inter-model shares go to online pairs.
+Each pair is drawn in O(1) (prompt, then iteration, then sample), so a batch costs the same however many
+iterations and samples the store holds; no pair is ever enumerated.
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from openrlhf_ditto.store import Response, SampleStore
+
+KINDS = ("online", "replay", "inter_model")
+ONLINE, REPLAY, INTER_MODEL = range(3)
+_MAX_DRAWS = 32  # redraws for a pair whose two responses are identical before the slot is given up
+
+
+@dataclass
+class Pair:
+    kind: int
+    chosen: Response
+    rejected: Response
+
+
+def kind_counts(batch_size: int, fractions: tuple[float, float, float], has_history: bool) -> list[int]:
+    """Pairs of each kind in a batch: the largest-remainder rounding of fractions * batch_size.
+
+    Without history (iteration 0) the replay and inter-model fractions are added to online.
+    """
+    f = list(fractions) if has_history else [1.0, 0.0, 0.0]
+    exact = [x * batch_size for x in f]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(3), key=lambda k: exact[k] - counts[k], reverse=True)
+    for k in by_remainder[: batch_size - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+class PairSampler:
+    def __init__(self, store: SampleStore, fractions: tuple[float, float, float] = (0.7, 0.2, 0.1), seed: int = 0):
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(
+                f"pair fractions (online, replay, inter_model) = {tuple(fractions)} must be >= 0 and sum to 1, "
+                "e.g. 0.7 0.2 0.1 as in the paper"
+            )
+        self.store = store
+        self.fractions = tuple(fractions)
+        self.rng = random.Random(seed)
+
+    def sample(self, batch_size: int) -> list[Pair]:
+        """Draw `batch_size` pairs for the newest iteration; a slot is dropped only when every one of its
+        redraws gave two identical responses (a policy that reproduces its demo token for token)."""
+        t = self.store.num_iterations - 1
+        if t < 0:
+            raise RuntimeError("the store has no samples yet: add an iteration before drawing pairs")
+        pairs = []
+        for kind, count in enumerate(kind_counts(batch_size, self.fractions, t > 0)):
+            for _ in range(count):
+                for _ in range(_MAX_DRAWS):
+                    pair = self._draw(kind, t)
+                    if not torch.equal(pair.chosen.ids, pair.rejected.ids):
+                        pairs.append(pair)
+                        break
+        return pairs
+
+    def _draw(self, kind: int, t: int) -> Pair:
+        rng, store = self.rng, self.store
+        p = rng.randrange(len(store.prompts))
+        if kind == INTER_MODEL:
+            i = rng.randint(1, t)
+            return Pair(kind, rng.choice(store.iterations[i][p]), rng.choice(store.iterations[rng.randrange(i)][p]))
+        j = t if kind == ONLINE else rng.randrange(t)
+        return Pair(kind, rng.choice(store.demos_by_prompt[p]), rng.choice(store.iterations[j][p]))
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+@dataclass
+class SequenceBatch:
+    """Sequences in OpenRLHF's `Actor.forward(sequences, action_mask, attention_mask)` layout: each row is its
+    prompt left-padded to the batch's longest prompt, then its response right-padded; `action_mask` covers the
+    last `action_mask.shape[1]` positions and marks the real response tokens."""
+
+    sequences: torch.Tensor  # [N, P + R] int64
+    attention_mask: torch.Tensor  # [N, P + R] int64
+    action_mask: torch.Tensor  # [N, R] bool
+
+    def to(self, device) -> "SequenceBatch":
+        return type(self)(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def collate(prompts: list[torch.Tensor], responses: list[torch.Tensor], pad_token_id: int) -> SequenceBatch:
+    P = max(len(p) for p in prompts)
+    R = max(len(r) for r in responses)
+    n = len(prompts)
+    sequences = torch.full((n, P + R), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, P + R), dtype=torch.long)
+    action_mask = torch.zeros((n, R), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        sequences[i, P - len(p) : P] = p
+        sequences[i, P : P + len(r)] = r
+        attention_mask[i, P - len(p) : P + len(r)] = 1
+        action_mask[i, : len(r)] = True
+    return SequenceBatch(sequences, attention_mask, action_mask)
+
+
+@dataclass
+class PairBatch(SequenceBatch):
+    """A pair batch: rows [0, B) are the chosen responses, rows [B, 2B) the rejected ones, so one forward pass
+    serves both. `ref_logps` are the cached reference log-probs of all 2B rows."""
+
+    ref_logps: torch.Tensor  # [2B] float32
+    kinds: torch.Tensor  # [B] int64: ONLINE, REPLAY or INTER_MODEL
+    chosen_is_demo: torch.Tensor  # [B] bool
+    truncated: torch.Tensor  # [2B] bool: responses cut at the length budget (no EOS)
+
+
+def collate_pairs(pairs: list[Pair], store: SampleStore, pad_token_id: int) -> PairBatch:
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    batch = collate([store.prompts[r.prompt] for r in responses], [r.ids for r in responses], pad_token_id)
+    return PairBatch(
+        **vars(batch),
+        ref_logps=torch.tensor([r.ref_logp for r in responses], dtype=torch.float32),
+        kinds=torch.tensor([p.kind for p in pairs], dtype=torch.long),
+        chosen_is_demo=torch.tensor([p.chosen.iteration < 0 for p in pairs], dtype=torch.bool),
+        truncated=torch.tensor([r.truncated for r in responses], dtype=torch.bool),
+    )

@@ -1,0 +1,106 @@
+"""The sample store: demos and each iteration's policy samples, with their cached reference log-probs.
+
+The reference policy is frozen, so a response's reference log-prob is computed once, when it enters the store,
+and training never runs the reference again. Samples are kept per iteration and per prompt, so the pair sampler
+reaches any (iteration, prompt) group in O(1) however long the run.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEMO = -1  # the iteration of a demo response
+
+
+@dataclass
+class Response:
+    prompt: int  # index into SampleStore.prompts
+    ids: torch.Tensor  # response token ids (int64, 1-D); an EOS ends it unless truncated
+    ref_logp: float  # sum of the frozen reference's log-probs over the response tokens
+    truncated: bool
+    iteration: int  # DEMO for a demonstration, else the policy iteration t that sampled it
+
+
+class SampleStore:
+    def __init__(self, prompts: list[list[int]], demos: list[Response]):
+        self.prompts = [torch.tensor(p, dtype=torch.long) for p in prompts]
+        self.demos = demos
+        self.demos_by_prompt: list[list[Response]] = [[] for _ in prompts]
+        for demo in demos:
+            self.demos_by_prompt[demo.prompt].append(demo)
+        self.iterations: list[list[list[Response]]] = []  # [t][prompt] -> samples of pi_t
+
+    @classmethod
+    def from_demos(cls, prompt_ids: list[list[int]], response_ids: list[list[int]], truncated: list[bool]):
+        """Group demos by prompt (several demos may share one prompt); reference log-probs are filled in later."""
+        index: dict[tuple[int, ...], int] = {}
+        demos = []
+        for p, r, t in zip(prompt_ids, response_ids, truncated):
+            k = index.setdefault(tuple(p), len(index))
+            demos.append(Response(k, torch.tensor(r, dtype=torch.long), float("nan"), t, DEMO))
+        return cls([list(p) for p in index], demos)
+
+    @property
+    def num_iterations(self) -> int:
+        return len(self.iterations)
+
+    def add_iteration(self, samples: list[Response]) -> None:
+        by_prompt: list[list[Response]] = [[] for _ in self.prompts]
+        for s in samples:
+            assert s.iteration == self.num_iterations, "samples must belong to the next iteration"
+            by_prompt[s.prompt].append(s)
+        if not all(by_prompt):
+            raise ValueError("an iteration needs at least one sample for every prompt (samples per prompt >= 1)")
+        self.iterations.append(by_prompt)
+
+    def truncate(self, num_iterations: int) -> None:
+        """Forget iterations from `num_iterations` on (a resumed run re-samples them)."""
+        del self.iterations[num_iterations:]
+
+    # Each iteration goes in a file of its own, written once; a saved store only grows.
+    def save(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / "demos.json", {"prompts": [p.tolist() for p in self.prompts], "demos": _dump(self.demos)})
+        for t, by_prompt in enumerate(self.iterations):
+            file = folder / f"iteration_{t:05d}.json"
+            if not file.exists():
+                _write_json(file, _dump([s for group in by_prompt for s in group]))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, num_iterations: int | None = None) -> "SampleStore":
+        folder = Path(folder)
+        head = json.loads((folder / "demos.json").read_text())
+        store = cls(head["prompts"], _parse(head["demos"]))
+        t = 0
+        while (folder / f"iteration_{t:05d}.json").exists() and (num_iterations is None or t < num_iterations):
+            store.add_iteration(_parse(json.loads((folder / f"iteration_{t:05d}.json").read_text())))
+            t += 1
+        if num_iterations is not None and t < num_iterations:
+            raise FileNotFoundError(f"{folder} holds {t} iterations of samples, the checkpoint needs {num_iterations}")
+        return store
+
+
+def _dump(responses: list[Response]) -> list[dict]:
+    # Python floats print in JSON with repr, which reads back bit-identically.
+    return [
+        {"prompt": r.prompt, "ids": r.ids.tolist(), "ref_logp": r.ref_logp, "truncated": r.truncated, "t": r.iteration}
+        for r in responses
+    ]
+
+
+def _parse(rows: list[dict]) -> list[Response]:
+    return [
+        Response(r["prompt"], torch.tensor(r["ids"], dtype=torch.long), r["ref_logp"], r["truncated"], r["t"])
+        for r in rows
+    ]
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write then rename, so a crash never leaves a half-written file under the real name."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
