@@ -125,6 +125,29 @@ class PairBatch(SequenceBatch):
     chosen_is_demo: torch.Tensor  # [B] bool
     truncated: torch.Tensor  # [2B] bool: responses cut at the length budget (no EOS)
 
+    def split(self, size: int) -> list["PairBatch"]:
+        """Micro-batches of at most `size` pairs, each chosen-then-rejected and trimmed of all-padding columns."""
+        B = len(self.kinds)
+        out = []
+        for i in range(0, B, size):
+            j = min(i + size, B)
+            rows = torch.cat([torch.arange(i, j), torch.arange(B + i, B + j)])
+            first = int(self.attention_mask[rows].any(0).nonzero()[0])
+            R = int(self.action_mask[rows].any(0).nonzero()[-1]) + 1
+            end = self.sequences.shape[1] - self.action_mask.shape[1] + R
+            out.append(
+                PairBatch(
+                    sequences=self.sequences[rows, first:end],
+                    attention_mask=self.attention_mask[rows, first:end],
+                    action_mask=self.action_mask[rows, :R],
+                    ref_logps=self.ref_logps[rows],
+                    kinds=self.kinds[i:j],
+                    chosen_is_demo=self.chosen_is_demo[i:j],
+                    truncated=self.truncated[rows],
+                )
+            )
+        return out
+
 
 def collate_pairs(pairs: list[Pair], store: SampleStore, pad_token_id: int) -> PairBatch:
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]

@@ -1,5 +1,6 @@
 import codecs
-import this  # noqa: F401  (the Zen of Python: a little local English text for the tokenizer)
+import contextlib
+import io
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ def build_tiny_model(folder) -> None:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    text = codecs.decode(this.s, "rot13")
+    with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen of Python
+        import this
+    text = codecs.decode(this.s, "rot13")  # a little local English text for the tokenizer
     trainer = trainers.BpeTrainer(
         vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )

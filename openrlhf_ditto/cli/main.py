@@ -1,17 +1,53 @@
-"""The `openrlhf-ditto` command."""
+"""The `openrlhf-ditto` command: `train` (DITTO on one machine) and `quickstart` (a demo on SmolLM2-135M)."""
 
 import argparse
+import sys
 
 from openrlhf_ditto import __version__
+from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openrlhf-ditto", description="DITTO: align a language model to a handful of demonstrations."
     )
     parser.add_argument("--version", action="version", version=f"openrlhf-ditto {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
+    sub = parser.add_subparsers(dest="command", metavar="{train,quickstart}")
+    train = sub.add_parser("train", help="run DITTO on one machine (CPU or one GPU)", description=__doc__)
+    add_ditto_args(train)
+    quick = sub.add_parser(
+        "quickstart", help="DITTO on SmolLM2-135M-Instruct with bundled demos (offline, ~10 min on 2 CPU cores)"
+    )
+    quick.add_argument("--output_dir", default="./ditto_quickstart", help="run folder (model, report, plot)")
+    quick.add_argument("--overwrite", action="store_true", help="delete a previous quick start in --output_dir")
+    quick.add_argument("--resume", action="store_true", help="continue an interrupted quick start")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return
+    from openrlhf_ditto.trainer import RunFolderError
+
+    try:
+        if ns.command == "train":
+            from openrlhf_ditto.backends.local import LocalBackend
+            from openrlhf_ditto.trainer import train
+
+            args = hierarchize(ns)
+            validate(args)
+            final = train(args, lambda path: LocalBackend(path, args))
+            print(f"DITTO model saved to {final}")
+        else:
+            from openrlhf_ditto.quickstart import quickstart
+
+            quickstart(ns.output_dir, overwrite=ns.overwrite, resume=ns.resume)
+    except (RunFolderError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
