@@ -15,7 +15,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     ``$OPENRLHF_DITTO_CACHE`` or ``~/.cache/openrlhf-ditto``); later calls return that folder at once.
     """
     cache = Path(cache_dir or os.environ.get("OPENRLHF_DITTO_CACHE") or Path.home() / ".cache" / "openrlhf-ditto")
-    folder = cache / "SmolLM2-135M-Instruct"
+    folder = cache / "SmolLM2-135M-Instruct-v2"  # v2: EOS fixed
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
 
@@ -43,9 +43,12 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
+    # The GGUF metadata names <|im_start|> as EOS; the model ends its turns with <|im_end|> (config.eos_token_id),
+    # which the original Hugging Face release also uses as its pad token.
+    tokenizer.eos_token = tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
 
     # Write beside the target and rename, so an interrupted conversion never leaves a folder that looks complete.
-    tmp = cache / f".SmolLM2-135M-Instruct.tmp{os.getpid()}"
+    tmp = cache / f".{folder.name}.tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)

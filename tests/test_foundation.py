@@ -42,6 +42,7 @@ def test_smollm2_loads_offline_and_answers(monkeypatch):
     assert smollm2_path() == folder  # cached: the second call converts nothing
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == model.config.eos_token_id
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,

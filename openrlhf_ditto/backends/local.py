@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
-from openrlhf_ditto.pairs import PairBatch, SequenceBatch, collate
+from openrlhf_ditto.backends.sampling import sample_responses
+from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 
 
 class LocalBackend:
@@ -94,30 +95,11 @@ class LocalBackend:
             num_training_steps=steps,
         )
 
-    @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], n: int) -> list[list[list[int]]]:
-        """All prompts x n samples in one batched `generate` call with the KV cache."""
         r = self.args.rollout
-        batch = collate(prompts, [p[:0] for p in prompts], self.pad).to(self.device)
-        P = batch.sequences.shape[1]
-        eos = self.tokenizer.eos_token_id
-        self.model.eval()
-        out = self.model.generate(
-            input_ids=batch.sequences,
-            attention_mask=batch.attention_mask,
-            do_sample=True,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            max_new_tokens=r.max_new_tokens,
-            num_return_sequences=n,
-            pad_token_id=self.pad,
-            eos_token_id=eos,
-        )[:, P:].tolist()
-        responses = []
-        for row in out:
-            end = row.index(eos) + 1 if eos in row else len(row)  # no EOS: hit max_new_tokens, kept truncated
-            responses.append(row[:end])
-        return [responses[i * n : (i + 1) * n] for i in range(len(prompts))]
+        return sample_responses(
+            self.model, prompts, n, self.pad, self.tokenizer.eos_token_id, r.max_new_tokens, r.temperature, r.top_p
+        )
 
     @torch.no_grad()
     def reference_logps(self, batch: SequenceBatch) -> torch.Tensor:
