@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
 from openrlhf_ditto.backends.sampling import sample_responses
+from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 
 
