@@ -198,6 +198,7 @@ def train(args: SimpleNamespace, make_backend) -> Path:
         store = SampleStore.load(out / "store", num_iterations=state["iteration"])
 
     reference = out / "reference"
+    torch.manual_seed(args.train.seed)  # the SFT adapter's initialisation
     backend = make_backend(reference if reference.exists() else args.actor.model_name_or_path)
     if not reference.exists():
         sft_warm_start(backend, store, args, logger, pad)
@@ -216,6 +217,7 @@ def train(args: SimpleNamespace, make_backend) -> Path:
         backend.load_checkpoint(resume_from / "backend")
         rng = torch.load(resume_from / "rng.pt", weights_only=False)
         sampler.load_state_dict(rng["sampler"])
+        logger.history = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         print(f"resumed from {resume_from} (iteration {state['iteration']}, step {state['global_step']})")
@@ -250,6 +252,7 @@ def train(args: SimpleNamespace, make_backend) -> Path:
             tmp / "rng.pt",
         )
         (tmp / "trainer_state.json").write_text(json.dumps(state))
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
         _commit_dir(tmp, out / "checkpoints" / name)
         latest_tmp = out / "checkpoints" / "latest.tmp"
         latest_tmp.write_text(name)
