@@ -90,23 +90,21 @@ def quickstart(output_dir: str, overwrite: bool = False, resume: bool = False) -
     final = train(args, lambda path: LocalBackend(path, args))
 
     out = Path(output_dir)
-    before, after = answers(base, HELD_OUT), answers(final, HELD_OUT)
+    # pi_0 is shown too, so the report separates what DITTO adds from what the SFT warm start already did
+    models = {"base model": base, "SFT warm start (pi_0)": out / "reference", "DITTO": final}
+    said = {name: answers(path, HELD_OUT) for name, path in models.items()}
+    scores = ", ".join(f"{name} {sum(map(style_score, texts))}" for name, texts in said.items())
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     kinds = {
         k: {m: last.get(f"{k}/{m}") for m in ("count", "acc", "margin")} for k in ("online", "replay", "inter_model")
     }
     plot(out / "metrics.jsonl", out / "report.png")
 
-    lines = ["# DITTO quick start", "", f"Base model: SmolLM2-135M-Instruct. DITTO model: `{final}`.", ""]
-    lines += [
-        f"Style markers {MARKERS} found in held-out answers: base {sum(map(style_score, before))}, "
-        f"DITTO {sum(map(style_score, after))} (of {len(MARKERS) * len(HELD_OUT)}).",
-        "",
-    ]
-    lines += ["| prompt | base model | DITTO model |", "| --- | --- | --- |"]
-    lines += [
-        f"| {p} | {b.replace(chr(10), ' ')} | {a.replace(chr(10), ' ')} |" for p, b, a in zip(HELD_OUT, before, after)
-    ]
+    lines = ["# DITTO quick start", "", f"DITTO model: `{final}`.", ""]
+    lines += [f"Style markers {MARKERS} in the held-out answers (of {len(MARKERS) * len(HELD_OUT)}): {scores}.", ""]
+    lines += ["| prompt | " + " | ".join(models) + " |", "| --- " * (len(models) + 1) + "|"]
+    for i, prompt in enumerate(HELD_OUT):
+        lines.append(f"| {prompt} | " + " | ".join(said[m][i].replace("\n", " ") for m in models) + " |")
     lines += [
         "",
         "Last training step, per pair kind:",
@@ -118,10 +116,11 @@ def quickstart(output_dir: str, overwrite: bool = False, resume: bool = False) -
     lines += ["", "![loss, accuracy and margin per pair kind over steps](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
-    for p, b, a in zip(HELD_OUT, before, after):
-        print(f"\n### {p}\n--- base model ---\n{b}\n--- DITTO model ---\n{a}")
+    for i, prompt in enumerate(HELD_OUT):
+        print(f"\n### {prompt}")
+        for name in models:
+            print(f"--- {name} ---\n{said[name][i]}")
     print(f"\nper-kind metrics at the last step: {json.dumps(kinds)}")
-    scores = f"base {sum(map(style_score, before))}, DITTO {sum(map(style_score, after))}"
     print(f"style markers in held-out answers: {scores}")
     print(f"report: {out / 'report.md'} (plot: {out / 'report.png'})")
     return final

@@ -95,7 +95,10 @@ class Logger:
         self.tb = SummaryWriter(str(args.logger.tensorboard_dir or log_dir))
         self.wandb = None
         if args.logger.wandb.key:
-            import wandb
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("--logger.wandb.key needs W&B's client: pip install wandb") from e
 
             wandb.login(key=args.logger.wandb.key)
             self.wandb = wandb.init(
