@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_ditto.demos import load_demos
 from openrlhf_ditto.experience import DittoExperienceMaker
-from openrlhf_ditto.pairs import KINDS, PairBatch, PairSampler, SequenceBatch, collate
+from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
 from openrlhf_ditto.store import SampleStore
 
 
@@ -211,9 +211,10 @@ def train(args: SimpleNamespace, make_backend) -> Path:
     if tmp is not None:
         _commit_dir(tmp, reference)
 
-    eos = {tokenizer.eos_token_id} | set(getattr(args, "extra_eos_token_ids", []))
     sampler = PairSampler(store, tuple(args.ditto.pair_fractions), seed=args.train.seed)
-    maker = DittoExperienceMaker(store, sampler, backend.reference_logps, pad, eos, args.rollout.micro_batch_size)
+    maker = DittoExperienceMaker(
+        store, sampler, backend.reference_logps, pad, {tokenizer.eos_token_id}, args.rollout.micro_batch_size
+    )
     maker.score_demos()
     store.save(out / "store")
     if resume_from is not None:
@@ -269,6 +270,3 @@ def train(args: SimpleNamespace, make_backend) -> Path:
     (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
     logger.close()
     return final
-
-
-__all__ = ["Backend", "KINDS", "RunFolderError", "train"]
