@@ -41,7 +41,12 @@ def _read_records(path: Path) -> list[dict]:
             raise ValueError(f"demos: {path} has an unknown extension; use one of {', '.join(_FORMATS)} or a folder")
         if path.stat().st_size == 0:
             raise ValueError(f"demos: {path} is empty; it needs at least one record with a prompt and a response")
-        data = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        try:
+            data = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except ValueError as e:  # `[]`, a CSV header alone, blank lines: datasets finds no split at all
+            if "corresponds to no data" not in str(e):
+                raise
+            data = []
     if isinstance(data, datasets.DatasetDict):
         data = data["train"] if "train" in data else next(iter(data.values()))
     if len(data) == 0:

@@ -54,14 +54,14 @@ class DittoExperienceMaker:
         """
         if len(rollouts) != len(self.store.prompts):
             raise ValueError(f"got rollouts for {len(rollouts)} prompts, the store has {len(self.store.prompts)}")
+        if any(len(ids) == 0 for group in rollouts for ids in group):
+            raise ValueError("a rollout has no tokens; the generator must return at least one token per sample")
         t = self.store.num_iterations
         samples = [
             Response(p, torch.tensor(ids, dtype=torch.long), float("nan"), ids[-1] not in self.eos_token_ids, t)
             for p, group in enumerate(rollouts)
             for ids in group
         ]
-        if any(len(s.ids) == 0 for s in samples):
-            raise ValueError("a rollout has no tokens; the generator must return at least one token per sample")
         self._score(samples)
         self.store.add_iteration(samples)
         lengths = torch.tensor([len(s.ids) for s in samples], dtype=torch.float32)

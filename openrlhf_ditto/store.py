@@ -32,6 +32,7 @@ class SampleStore:
         for demo in demos:
             self.demos_by_prompt[demo.prompt].append(demo)
         self.iterations: list[list[list[Response]]] = []  # [t][prompt] -> samples of pi_t
+        self._written: set[tuple[Path, int]] = set()  # (folder, t): that folder's file of iteration t holds ours
 
     @classmethod
     def from_demos(cls, prompt_ids: list[list[int]], response_ids: list[list[int]], truncated: list[bool]):
@@ -59,16 +60,19 @@ class SampleStore:
     def truncate(self, num_iterations: int) -> None:
         """Forget iterations from `num_iterations` on (a resumed run re-samples them)."""
         del self.iterations[num_iterations:]
+        self._written = {(f, t) for f, t in self._written if t < num_iterations}
 
-    # Each iteration goes in a file of its own, written once; a saved store only grows.
+    # Each iteration goes in a file of its own, written once by this store; a saved store only grows. A file this
+    # store did not write or load (a crashed run's iteration, re-sampled after resuming) is replaced.
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / "demos.json", {"prompts": [p.tolist() for p in self.prompts], "demos": _dump(self.demos)})
+        where = folder.resolve()
         for t, by_prompt in enumerate(self.iterations):
-            file = folder / f"iteration_{t:05d}.json"
-            if not file.exists():
-                _write_json(file, _dump([s for group in by_prompt for s in group]))
+            if (where, t) not in self._written:
+                _write_json(folder / f"iteration_{t:05d}.json", _dump([s for group in by_prompt for s in group]))
+                self._written.add((where, t))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, num_iterations: int | None = None) -> "SampleStore":
@@ -78,6 +82,7 @@ class SampleStore:
         t = 0
         while (folder / f"iteration_{t:05d}.json").exists() and (num_iterations is None or t < num_iterations):
             store.add_iteration(_parse(json.loads((folder / f"iteration_{t:05d}.json").read_text())))
+            store._written.add((folder.resolve(), t))
             t += 1
         if num_iterations is not None and t < num_iterations:
             raise FileNotFoundError(f"{folder} holds {t} iterations of samples, the checkpoint needs {num_iterations}")

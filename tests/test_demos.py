@@ -1,0 +1,237 @@
+"""load_demos: file formats, prompt rendering, tokenization, truncation, and an error message for each bad input."""
+
+import copy
+import csv
+import json
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from openrlhf_ditto.demos import load_demos
+
+RECORDS = [
+    {"prompt": "Beautiful is better than ugly.", "response": "Explicit is better than implicit."},
+    {"prompt": "Simple is better than complex.", "response": "Complex is better than complicated."},
+    {"prompt": "Flat is better than nested.", "response": "Sparse is better than dense. Readability counts."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def write(folder, fmt: str, records: list[dict]):
+    """Write `records` as a file (or a `datasets` folder) of format `fmt`; return its path."""
+    if fmt == "jsonl":
+        path = folder / "demos.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif fmt == "json":
+        path = folder / "demos.json"
+        path.write_text(json.dumps(records))
+    elif fmt == "csv":
+        path = folder / "demos.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    elif fmt == "parquet":
+        import pandas as pd
+
+        path = folder / "demos.parquet"
+        pd.DataFrame(records).to_parquet(path)
+    elif fmt in ("save_to_disk", "save_to_disk_dict"):
+        import datasets
+
+        path = folder / fmt
+        data = datasets.Dataset.from_list(records)
+        if fmt == "save_to_disk_dict":
+            data = datasets.DatasetDict({"train": data})
+        data.save_to_disk(str(path))
+    else:
+        raise AssertionError(fmt)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "save_to_disk", "save_to_disk_dict"])
+def test_every_format_loads_and_tokenizes(tokenizer, tmp_path, fmt):
+    demos = load_demos(write(tmp_path, fmt, RECORDS), tokenizer)
+    assert len(demos) == len(RECORDS)
+    for demo, record in zip(demos, RECORDS):
+        assert demo.prompt == record["prompt"]  # no template: the prompt as it is
+        assert demo.response == record["response"]
+        assert demo.prompt_ids == ids(tokenizer, record["prompt"])
+        assert demo.response_ids == ids(tokenizer, record["response"]) + [tokenizer.eos_token_id]
+        assert demo.response_ids[-1] == tokenizer.eos_token_id
+        assert demo.truncated is False
+
+
+def test_other_keys(tokenizer, tmp_path):
+    records = [{"question": r["prompt"], "answer": r["response"], "extra": 1} for r in RECORDS]
+    demos = load_demos(write(tmp_path, "jsonl", records), tokenizer, input_key="question", output_key="answer")
+    assert [d.prompt for d in demos] == [r["prompt"] for r in RECORDS]
+    assert [d.response for d in demos] == [r["response"] for r in RECORDS]
+
+
+def test_input_template(tokenizer, tmp_path):
+    template = "User: {}\nAssistant: "
+    demos = load_demos(write(tmp_path, "jsonl", RECORDS), tokenizer, input_template=template)
+    for demo, record in zip(demos, RECORDS):
+        assert demo.prompt == f"User: {record['prompt']}\nAssistant: "
+        assert demo.prompt_ids == ids(tokenizer, demo.prompt)
+
+
+def test_apply_chat_template(tokenizer, tmp_path):
+    demos = load_demos(write(tmp_path, "jsonl", RECORDS), tokenizer, apply_chat_template=True)
+    for demo, record in zip(demos, RECORDS):
+        assert demo.prompt == f"<|im_start|>user\n{record['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+        assert demo.prompt.endswith("<|im_start|>assistant\n")
+        assert demo.prompt_ids == ids(tokenizer, demo.prompt)
+        assert demo.response_ids == ids(tokenizer, record["response"]) + [tokenizer.eos_token_id]
+
+
+def test_chat_records_use_the_last_assistant_message(tokenizer, tmp_path):
+    conversation = [
+        {"role": "system", "content": "Be Pythonic."},
+        {"role": "user", "content": "Errors should never pass silently."},
+        {"role": "assistant", "content": "Unless explicitly silenced."},
+        {"role": "user", "content": "In the face of ambiguity?"},
+        {"role": "assistant", "content": "Refuse the temptation to guess."},
+    ]
+    trailing_user = conversation[:3] + [{"role": "user", "content": "Thanks."}]
+    demos = load_demos(write(tmp_path, "jsonl", [{"messages": conversation}, {"messages": trailing_user}]), tokenizer)
+    first, second = demos
+    assert first.response == "Refuse the temptation to guess."
+    assert first.prompt == tokenizer.apply_chat_template(conversation[:4], tokenize=False, add_generation_prompt=True)
+    assert first.prompt.startswith("<|im_start|>system\nBe Pythonic.<|im_end|>\n")
+    assert first.prompt.endswith("In the face of ambiguity?<|im_end|>\n<|im_start|>assistant\n")
+    assert first.prompt_ids == ids(tokenizer, first.prompt)
+    assert first.response_ids == ids(tokenizer, first.response) + [tokenizer.eos_token_id]
+    assert second.response == "Unless explicitly silenced."
+    assert second.prompt.endswith("Errors should never pass silently.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_long_response_is_truncated_and_flagged(tokenizer, tmp_path):
+    record = {"prompt": "Now is better than never.", "response": "Although never is often better than right now. " * 4}
+    full = ids(tokenizer, record["response"]) + [tokenizer.eos_token_id]
+    path = write(tmp_path, "jsonl", [record])
+    (demo,) = load_demos(path, tokenizer, generate_max_len=10)
+    assert demo.truncated is True
+    assert demo.response_ids == full[:10] and tokenizer.eos_token_id not in demo.response_ids
+    (demo,) = load_demos(path, tokenizer, generate_max_len=len(full))  # fits exactly, EOS included
+    assert demo.truncated is False and demo.response_ids == full
+    (demo,) = load_demos(path, tokenizer, generate_max_len=len(full) - 1)  # only the EOS is cut
+    assert demo.truncated is True and demo.response_ids == full[:-1]
+
+
+def test_prompt_of_exactly_prompt_max_len_is_accepted(tokenizer, tmp_path):
+    n = len(ids(tokenizer, RECORDS[0]["prompt"]))
+    (demo,) = load_demos(write(tmp_path, "jsonl", RECORDS[:1]), tokenizer, prompt_max_len=n)
+    assert len(demo.prompt_ids) == n
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_file(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl does not exist; give a JSON, JSONL, Parquet or CSV"):
+        load_demos(tmp_path / "nope.jsonl", tokenizer)
+
+
+@pytest.mark.parametrize("name", ["demos.jsonl", "demos.json", "demos.csv", "demos.parquet"])
+def test_empty_file(tokenizer, tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"{name} is empty; it needs at least one record")):
+        load_demos(tmp_path / name, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "name, content", [("demos.json", "[]"), ("demos.jsonl", "\n\n"), ("demos.csv", "prompt,response\n")]
+)
+def test_file_without_records(tokenizer, tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f"{name} holds no records; it needs at least one record")):
+        load_demos(tmp_path / name, tokenizer)
+
+
+def test_unknown_extension(tokenizer, tmp_path):
+    (tmp_path / "demos.txt").write_text("prompt\tresponse\n")
+    with pytest.raises(ValueError, match=r"demos\.txt has an unknown extension; use one of \.json, \.jsonl"):
+        load_demos(tmp_path / "demos.txt", tokenizer)
+
+
+def test_missing_key_lists_the_keys_and_the_flags(tokenizer, tmp_path):
+    path = write(tmp_path, "jsonl", [{"prompt": "Hi", "text": "Hello"}])
+    with pytest.raises(ValueError, match=r"record 0: no key 'response'; its keys are \['prompt', 'text'\]") as info:
+        load_demos(path, tokenizer)
+    assert "--input_key / --output_key" in str(info.value)
+    with pytest.raises(ValueError, match=r"no key 'question', 'answer'; its keys are \['prompt', 'text'\]"):
+        load_demos(path, tokenizer, input_key="question", output_key="answer")
+
+
+@pytest.mark.parametrize("response, shown", [("", "''"), ("  \n", r"'  \\n'"), (None, "None")])
+def test_empty_response(tokenizer, tmp_path, response, shown):
+    path = write(tmp_path, "jsonl", [RECORDS[0], {"prompt": "Hi", "response": response}])
+    with pytest.raises(ValueError, match=rf"record 1: the response is {shown}; every demo needs a non-empty text"):
+        load_demos(path, tokenizer)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_non_string_response(tokenizer, tmp_path, fmt):
+    path = write(tmp_path, fmt, [{"prompt": "Hi", "response": 42}])
+    with pytest.raises(ValueError, match=r"record 0: the response is 42; every demo needs a non-empty text response"):
+        load_demos(path, tokenizer)
+
+
+def test_non_string_prompt(tokenizer, tmp_path):
+    path = write(tmp_path, "jsonl", [{"prompt": 7, "response": "Seven."}])
+    with pytest.raises(ValueError, match=r"record 0: the prompt is 7; it must be text"):
+        load_demos(path, tokenizer)
+
+
+def test_prompt_over_prompt_max_len(tokenizer, tmp_path):
+    short = {"prompt": "Hi", "response": "Hello"}
+    long = {"prompt": " ".join(r["prompt"] for r in RECORDS), "response": "Hello"}
+    n_short, n_long = len(ids(tokenizer, short["prompt"])), len(ids(tokenizer, long["prompt"]))
+    path = write(tmp_path, "jsonl", [short, long])
+    with pytest.raises(
+        ValueError, match=rf"record 1: the prompt alone is {n_long} tokens, over --prompt_max_len {n_short}"
+    ):
+        load_demos(path, tokenizer, prompt_max_len=n_short)
+    # the chat template's tokens count: a prompt that fits as plain text may not fit once rendered
+    message = [{"role": "user", "content": short["prompt"]}]
+    chat = len(ids(tokenizer, tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)))
+    path = write(tmp_path, "jsonl", [short])
+    assert load_demos(path, tokenizer, prompt_max_len=n_short)
+    with pytest.raises(ValueError, match=rf"record 0: the prompt alone is {chat} tokens.*raise --prompt_max_len"):
+        load_demos(path, tokenizer, prompt_max_len=n_short, apply_chat_template=True)
+
+
+@pytest.mark.parametrize("records", [RECORDS, [{"messages": [{"role": "assistant", "content": "Hi"}]}]])
+def test_chat_template_missing(tokenizer, tmp_path, records):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    path = write(tmp_path, "jsonl", records)
+    with pytest.raises(
+        ValueError, match=r"the tokenizer has no chat template; use a chat model, give --input_template"
+    ):
+        load_demos(path, plain, apply_chat_template="messages" not in records[0])
+
+
+def test_chat_record_without_assistant_message(tokenizer, tmp_path):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    bad = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    with pytest.raises(ValueError, match=r"record 1: 'messages' has no assistant message to use as the demo"):
+        load_demos(write(tmp_path, "jsonl", [good, bad]), tokenizer)
+
+
+def test_tokenizer_without_eos(tokenizer, tmp_path):
+    no_eos = copy.deepcopy(tokenizer)
+    no_eos.eos_token = None
+    with pytest.raises(ValueError, match=r"the tokenizer has no eos_token"):
+        load_demos(write(tmp_path, "jsonl", RECORDS), no_eos)

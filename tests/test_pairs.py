@@ -1,0 +1,326 @@
+"""PairSampler (kinds, counts, determinism, resumption) and the collation of pairs into tensor batches."""
+
+import copy
+import itertools
+import json
+import pickle
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openrlhf_ditto.pairs import (
+    INTER_MODEL,
+    KINDS,
+    ONLINE,
+    REPLAY,
+    PairBatch,
+    PairSampler,
+    collate,
+    collate_pairs,
+    kind_counts,
+)
+from openrlhf_ditto.store import DEMO, Response, SampleStore
+
+PAD = 0
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)  # the same examples every run
+
+
+@st.composite
+def stores(draw, unique: bool = True, min_iterations: int = 1, max_iterations: int = 4) -> SampleStore:
+    """A store of random token sequences: several prompts, 1-3 demos per prompt, T iterations of M samples.
+
+    With `unique` every response starts with a token of its own, so no two responses are identical; without it
+    the responses are 1-2 tokens over a 2-token vocabulary, so identical responses are the rule.
+    """
+    serial = itertools.count(1000)
+    tokens = st.lists(st.integers(1, 50 if unique else 2), min_size=1, max_size=6 if unique else 2)
+
+    def response(prompt: int, iteration: int) -> Response:
+        ids = draw(tokens)
+        if unique:
+            ids = [next(serial)] + ids
+        ref = draw(st.floats(-200, 0, allow_nan=False, width=32))
+        return Response(prompt, torch.tensor(ids, dtype=torch.long), ref, draw(st.booleans()), iteration)
+
+    n_prompts = draw(st.integers(1, 4))
+    prompts = [draw(st.lists(st.integers(1, 50), min_size=1, max_size=5)) for _ in range(n_prompts)]
+    demos = [response(p, DEMO) for p in range(n_prompts) for _ in range(draw(st.integers(1, 3)))]
+    store = SampleStore(prompts, demos)
+    m = draw(st.integers(1, 3))
+    for t in range(draw(st.integers(min_iterations, max_iterations))):
+        store.add_iteration([response(p, t) for p in range(n_prompts) for _ in range(m)])
+    return store
+
+
+@st.composite
+def fraction_triples(draw) -> tuple[float, float, float]:
+    weights = draw(st.lists(st.integers(0, 10), min_size=3, max_size=3).filter(lambda w: sum(w) > 0))
+    return tuple(w / sum(weights) for w in weights)
+
+
+def check_kind(pair, store: SampleStore) -> None:
+    """The pair is of its kind: the right sources, the same prompt, and the chosen ranked above the rejected."""
+    t = store.num_iterations - 1
+    chosen, rejected = pair.chosen, pair.rejected
+    assert chosen.prompt == rejected.prompt
+    if pair.kind == ONLINE:
+        assert chosen.iteration == DEMO and rejected.iteration == t
+        assert any(chosen is d for d in store.demos_by_prompt[chosen.prompt])
+    elif pair.kind == REPLAY:
+        assert chosen.iteration == DEMO and 0 <= rejected.iteration < t
+    else:
+        assert pair.kind == INTER_MODEL
+        assert t >= chosen.iteration > rejected.iteration >= 0
+    if rejected.iteration >= 0:  # it is one of the store's samples of that prompt and iteration
+        assert any(rejected is s for s in store.iterations[rejected.iteration][rejected.prompt])
+    if chosen.iteration >= 0:
+        assert any(chosen is s for s in store.iterations[chosen.iteration][chosen.prompt])
+
+
+def signature(pairs) -> list[tuple[int, int, int]]:
+    return [(p.kind, id(p.chosen), id(p.rejected)) for p in pairs]
+
+
+@SETTINGS
+@given(
+    store=stores(),
+    fractions=fraction_triples(),
+    batch_size=st.integers(1, 40),
+    seed=st.integers(0, 2**32),
+)
+def test_pairs_have_their_kind_and_the_batch_its_counts(store, fractions, batch_size, seed):
+    pairs = PairSampler(store, fractions, seed=seed).sample(batch_size)
+    t = store.num_iterations - 1
+    assert len(pairs) == batch_size  # every response is distinct, so no slot is dropped
+    for pair in pairs:
+        check_kind(pair, store)
+        assert not torch.equal(pair.chosen.ids, pair.rejected.ids)
+    counts = [sum(p.kind == k for p in pairs) for k in range(3)]
+    assert counts == kind_counts(batch_size, fractions, t > 0)
+    if t == 0:
+        assert counts == [batch_size, 0, 0]
+    else:
+        for count, fraction in zip(counts, fractions):
+            assert abs(count - fraction * batch_size) < 1
+    # pairs of one kind come together, in KINDS order
+    assert [p.kind for p in pairs] == sorted(p.kind for p in pairs)
+
+
+@SETTINGS
+@given(
+    batch_size=st.integers(1, 200),
+    fractions=fraction_triples(),
+    has_history=st.booleans(),
+)
+def test_kind_counts_round_within_one_pair(batch_size, fractions, has_history):
+    counts = kind_counts(batch_size, fractions, has_history)
+    assert sum(counts) == batch_size and min(counts) >= 0
+    if not has_history:
+        assert counts == [batch_size, 0, 0]
+    else:
+        for count, fraction in zip(counts, fractions):
+            assert abs(count - fraction * batch_size) < 1
+            if fraction == 0:
+                assert count == 0
+
+
+@SETTINGS
+@given(
+    store=stores(unique=False), fractions=fraction_triples(), batch_size=st.integers(1, 30), seed=st.integers(0, 99)
+)
+def test_no_pair_has_two_identical_responses(store, fractions, batch_size, seed):
+    pairs = PairSampler(store, fractions, seed=seed).sample(batch_size)
+    expected = kind_counts(batch_size, fractions, store.num_iterations > 1)
+    for pair in pairs:
+        check_kind(pair, store)
+        assert not torch.equal(pair.chosen.ids, pair.rejected.ids)
+    for k in range(3):
+        assert sum(p.kind == k for p in pairs) <= expected[k]
+
+
+def test_samples_equal_to_their_demo_drop_the_online_pairs_rather_than_loop():
+    demos = [Response(p, torch.tensor([5, 6, p + 7]), -1.0, False, DEMO) for p in range(2)]
+    store = SampleStore([[1, 2], [3]], demos)
+    parrot = [Response(d.prompt, d.ids.clone(), -2.0, False, 0) for d in demos for _ in range(3)]
+    store.add_iteration(parrot)
+    sampler = PairSampler(store, (0.5, 0.25, 0.25), seed=0)
+    assert sampler.sample(16) == []  # iteration 0: every pair is online, and every one is a demo against itself
+
+    # a store whose first iteration differs from the demos and whose second reproduces them
+    store = SampleStore([[1, 2], [3]], demos)
+    store.add_iteration([Response(d.prompt, torch.tensor([9, d.prompt]), -3.0, False, 0) for d in demos])
+    store.add_iteration([Response(d.prompt, d.ids.clone(), -2.0, False, 1) for d in demos for _ in range(2)])
+    pairs = PairSampler(store, (0.5, 0.25, 0.25), seed=0).sample(16)
+    counts = [sum(p.kind == k for p in pairs) for k in range(3)]
+    assert counts == [0, 4, 4]  # online dropped; replay and inter_model (iteration 1 over 0) kept in full
+    for pair in pairs:
+        check_kind(pair, store)
+        assert not torch.equal(pair.chosen.ids, pair.rejected.ids)
+
+
+@SETTINGS
+@given(store=stores(), seed=st.integers(0, 2**32), sizes=st.lists(st.integers(1, 12), min_size=1, max_size=5))
+def test_same_seed_same_batches(store, seed, sizes):
+    a, b = PairSampler(store, seed=seed), PairSampler(store, seed=seed)
+    for size in sizes:
+        assert signature(a.sample(size)) == signature(b.sample(size))
+
+
+def test_different_seeds_give_different_batches():
+    store = _big_store()
+    batches = {seed: signature(PairSampler(store, seed=seed).sample(32)) for seed in range(4)}
+    assert len({tuple(v) for v in batches.values()}) == 4
+
+
+def _big_store() -> SampleStore:
+    g = torch.Generator().manual_seed(0)
+    demos = [Response(p, torch.randint(1, 300, (8,), generator=g), -1.0, False, DEMO) for p in range(5)]
+    store = SampleStore([[p + 1] for p in range(5)], demos)
+    for t in range(3):
+        store.add_iteration(
+            [Response(p, torch.randint(1, 300, (8,), generator=g), -1.0, False, t) for p in range(5) for _ in range(4)]
+        )
+    return store
+
+
+@pytest.mark.parametrize("roundtrip", ["none", "pickle", "json", "torch"])
+@SETTINGS
+@given(store=stores(), seed=st.integers(0, 2**32), before=st.integers(0, 3), after=st.integers(1, 4))
+def test_state_dict_continues_the_same_stream(tmp_path_factory, roundtrip, store, seed, before, after):
+    sampler = PairSampler(store, seed=seed)
+    for _ in range(before):
+        sampler.sample(5)
+    state = sampler.state_dict()
+    if roundtrip == "pickle":
+        state = pickle.loads(pickle.dumps(state))
+    elif roundtrip == "json":  # tuples come back as lists
+        state = json.loads(json.dumps(state))
+    elif roundtrip == "torch":
+        file = tmp_path_factory.mktemp("state") / "rng.pt"
+        torch.save(state, file)
+        state = torch.load(file, weights_only=False)
+    expected = [signature(sampler.sample(7)) for _ in range(after)]
+    resumed = PairSampler(store, seed=seed + 1)
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert [signature(resumed.sample(7)) for _ in range(after)] == expected
+
+
+@pytest.mark.parametrize(
+    "fractions",
+    [
+        (0.5, 0.2, 0.1),
+        (0.7, 0.2, 0.2),
+        (1.2, -0.1, -0.1),
+        (1.0, -0.5, 0.5),
+        (0.7, 0.3),
+        (0.7, 0.2, 0.1, 0.0),
+        (0, 0, 0),
+    ],
+)
+def test_bad_fractions_raise_and_name_them(fractions):
+    store = _big_store()
+    with pytest.raises(ValueError, match=re.escape(f"(online, replay, inter_model) = {tuple(fractions)}")) as info:
+        PairSampler(store, fractions)
+    assert ">= 0 and sum to 1" in str(info.value)
+
+
+def test_sampling_an_empty_store_says_so():
+    store = SampleStore([[1]], [Response(0, torch.tensor([2]), 0.0, False, DEMO)])
+    with pytest.raises(RuntimeError, match="no samples yet"):
+        PairSampler(store).sample(4)
+
+
+# ---------------------------------------------------------------------------------------------------- collation
+
+token_lists = st.lists(st.integers(1, 400), min_size=1, max_size=12)
+
+
+@SETTINGS
+@given(rows=st.lists(st.tuples(token_lists, token_lists), min_size=1, max_size=8))
+def test_collate_layout(rows):
+    prompts = [torch.tensor(p) for p, _ in rows]
+    responses = [torch.tensor(r) for _, r in rows]
+    batch = collate(prompts, responses, PAD)
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    assert batch.sequences.shape == batch.attention_mask.shape == (len(rows), P + R)
+    assert batch.action_mask.shape == (len(rows), R)
+    assert batch.sequences.dtype == batch.attention_mask.dtype == torch.long and batch.action_mask.dtype == torch.bool
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        row, mask = batch.sequences[i].tolist(), batch.attention_mask[i].tolist()
+        lp, lr = len(p), len(r)
+        assert row == [PAD] * (P - lp) + p.tolist() + r.tolist() + [PAD] * (R - lr)
+        assert mask == [0] * (P - lp) + [1] * (lp + lr) + [0] * (R - lr)
+        assert batch.action_mask[i].tolist() == [True] * lr + [False] * (R - lr)
+        # the action mask, over the last R columns, picks out exactly the response tokens
+        assert batch.sequences[i, -R:][batch.action_mask[i]].tolist() == r.tolist()
+    assert batch.action_mask.sum().item() == sum(map(len, responses))
+
+
+def test_collate_prompts_alone():
+    """Empty responses (a batch of prompts to generate from): left-padded prompts and an action mask of width 0."""
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([8])]
+    batch = collate(prompts, [p[:0] for p in prompts], PAD)
+    assert batch.sequences.tolist() == [[5, 6, 7], [PAD, PAD, 8]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch.action_mask.shape == (2, 0) and batch.action_mask.dtype == torch.bool
+
+
+def _pairs_and_batch(store, seed, batch_size):
+    pairs = PairSampler(store, (0.5, 0.3, 0.2), seed=seed).sample(batch_size)
+    return pairs, collate_pairs(pairs, store, PAD)
+
+
+@SETTINGS
+@given(store=stores(), seed=st.integers(0, 2**32), batch_size=st.integers(1, 12))
+def test_collate_pairs_puts_chosen_first_and_carries_the_fields(store, seed, batch_size):
+    pairs, batch = _pairs_and_batch(store, seed, batch_size)
+    B = len(pairs)
+    assert isinstance(batch, PairBatch)
+    assert batch.sequences.shape[0] == 2 * B
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    expected = collate([store.prompts[r.prompt] for r in responses], [r.ids for r in responses], PAD)
+    assert torch.equal(batch.sequences, expected.sequences)
+    assert torch.equal(batch.attention_mask, expected.attention_mask)
+    assert torch.equal(batch.action_mask, expected.action_mask)
+    R = batch.action_mask.shape[1]
+    for i, r in enumerate(responses):
+        assert batch.sequences[i, -R:][batch.action_mask[i]].tolist() == r.ids.tolist()
+        real = batch.sequences[i][batch.attention_mask[i].bool()].tolist()
+        assert real == store.prompts[r.prompt].tolist() + r.ids.tolist()
+    assert batch.ref_logps.dtype == torch.float32
+    assert batch.ref_logps.tolist() == [torch.tensor(r.ref_logp, dtype=torch.float32).item() for r in responses]
+    assert batch.kinds.tolist() == [p.kind for p in pairs]
+    assert batch.chosen_is_demo.tolist() == [p.chosen.iteration == DEMO for p in pairs]
+    assert batch.truncated.tolist() == [r.truncated for r in responses]
+    assert batch.chosen_is_demo.tolist() == [KINDS[k] != "inter_model" for k in batch.kinds.tolist()]
+
+
+@SETTINGS
+@given(store=stores(), seed=st.integers(0, 2**32), batch_size=st.integers(1, 12), size=st.integers(1, 5))
+def test_split_keeps_every_pair_and_trims_padding(store, seed, batch_size, size):
+    pairs, batch = _pairs_and_batch(store, seed, batch_size)
+    B = len(pairs)
+    parts = batch.split(size)
+    assert [len(p.kinds) for p in parts] == [min(size, B - i) for i in range(0, B, size)]
+    chosen, rejected = [], []
+    for part in parts:
+        n = len(part.kinds)
+        assert part.sequences.shape[0] == 2 * n
+        assert part.attention_mask[:, 0].any() and part.action_mask[:, -1].any()  # no all-padding column
+        rows = [part.sequences[i][part.attention_mask[i].bool()].tolist() for i in range(2 * n)]
+        chosen += rows[:n]
+        rejected += rows[n:]
+        R = part.action_mask.shape[1]
+        for i in range(2 * n):
+            assert part.sequences[i, -R:][part.action_mask[i]].tolist() == rows[i][-int(part.action_mask[i].sum()) :]
+    full = [batch.sequences[i][batch.attention_mask[i].bool()].tolist() for i in range(2 * B)]
+    assert chosen == full[:B] and rejected == full[B:]
+    for name in ("ref_logps", "truncated"):
+        whole = getattr(batch, name)
+        assert torch.cat([getattr(p, name)[: len(p.kinds)] for p in parts]).tolist() == whole[:B].tolist()
+        assert torch.cat([getattr(p, name)[len(p.kinds) :] for p in parts]).tolist() == whole[B:].tolist()
+    assert torch.cat([p.kinds for p in parts]).tolist() == batch.kinds.tolist()
+    assert torch.cat([p.chosen_is_demo for p in parts]).tolist() == batch.chosen_is_demo.tolist()
