@@ -140,7 +140,7 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
         args = self.strategy.args
         d = args.ditto
         loss_fn = DittoActorLoss(d.beta, d.label_smoothing, d.ipo, d.nll_coef)
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = torch.cuda.current_device()
         scale = self.strategy.accumulated_gradient * self.strategy.world_size / total_pairs
         lr = self.actor_scheduler.get_last_lr()[0]
         self.actor.train()
