@@ -114,13 +114,14 @@ def validate_ray(args) -> None:
             f"--vllm.tensor_parallel_size ({v.num_engines} x {v.tensor_parallel_size}) must equal --actor.num_nodes x "
             f"--actor.num_gpus_per_node ({actor_gpus})"
         )
-    per_step = args.train.micro_batch_size * actor_gpus
-    if args.train.batch_size % per_step:
-        raise SystemExit(
-            f"error: --train.batch_size {args.train.batch_size} pairs must be a multiple of "
-            f"--train.micro_batch_size x policy GPUs ({args.train.micro_batch_size} x {actor_gpus}): every rank "
-            "runs the same number of micro-batches per step"
-        )
+    # DeepSpeed builds both roles' engines with train_batch_size = micro-batch x accumulation steps x ranks
+    for role, gpus in (("policy", actor_gpus), ("reference", r.num_nodes * r.num_gpus_per_node)):
+        if args.train.batch_size % (args.train.micro_batch_size * gpus):
+            raise SystemExit(
+                f"error: --train.batch_size {args.train.batch_size} pairs must be a multiple of "
+                f"--train.micro_batch_size x {role} GPUs ({args.train.micro_batch_size} x {gpus}): every rank runs "
+                "the same number of micro-batches per step"
+            )
     if v.enable_sleep and not args.train.colocate_all:  # as train_ppo_ray does
         print("Set args.vllm.enable_sleep to False when args.train.colocate_all is disabled.")
         v.enable_sleep = False
