@@ -1,0 +1,84 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from openrlhf_ditto.backends.sampling import sample_responses
+
+PAD = 0
+PROMPTS = [torch.tensor([5, 6, 7, 8, 9, 10, 11]), torch.tensor([12, 13]), torch.tensor([40, 41, 42, 43])]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+
+
+def greedy_generate(model, prompts, eos, max_new_tokens):
+    """HF's greedy `generate` on the left-padded prompts, each row cut after its first EOS."""
+    P = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((P - len(p),), PAD), p]) for p in prompts])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=(torch.arange(P) >= P - torch.tensor([len(p) for p in prompts])[:, None]).long(),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=PAD,
+        eos_token_id=eos,
+    )[:, P:].tolist()
+    return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+
+
+def test_tiny_top_p_is_greedy_and_matches_generate_with_padding_and_eos(model):
+    # top_p = 1e-9 keeps only the most likely token, so the sampler must retrace HF's greedy search exactly
+    free = greedy_generate(model, PROMPTS, eos=-1, max_new_tokens=12)
+    eos = free[0][4]  # a token the first prompt emits mid-way: that row stops early, leaves the batch, others go on
+    expected = greedy_generate(model, PROMPTS, eos=eos, max_new_tokens=12)
+    assert expected[0][-1] == eos and len(expected[0]) <= 5
+    assert any(len(r) == 12 and eos not in r for r in expected)
+    got = sample_responses(model, PROMPTS, 2, PAD, eos, 12, temperature=1.0, top_p=1e-9)
+    assert got == [[r, r] for r in expected]
+
+
+def test_samples_are_valid_and_reproducible(model):
+    torch.manual_seed(0)
+    free = [r for s in sample_responses(model, PROMPTS, 5, PAD, -1, 10, temperature=0.3) for r in s]
+    eos = next(t for r in free for t in r if sum(t in r for r in free) < 8)  # a token some samples emit, not all
+    kwargs = dict(n=5, pad_token_id=PAD, eos_token_id=eos, max_new_tokens=10, temperature=0.3)
+    torch.manual_seed(1)
+    first = sample_responses(model, PROMPTS, **kwargs)
+    torch.manual_seed(1)
+    assert sample_responses(model, PROMPTS, **kwargs) == first
+    assert sample_responses(model, PROMPTS, **kwargs) != first
+    assert [len(s) for s in first] == [5, 5, 5]
+    flat = [r for s in first for r in s]
+    for r in flat:  # EOS ends a response; a response without it ran to max_new_tokens
+        assert eos not in r[:-1] and (r[-1] == eos or len(r) == 10)
+    assert any(r[-1] == eos for r in flat) and any(len(r) == 10 and r[-1] != eos for r in flat)
+    assert model.training is False
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.05, 0.5), (0.05, 0.9), (1.0, 0.9), (0.1, 1.0)])
+def test_first_token_follows_hf_temperature_and_top_p(model, temperature, top_p):
+    # (1.0, 0.9): the nucleus is larger than the top-k candidates, so the sampler sorts the vocabulary
+    prompt = PROMPTS[0]
+    logits = model(prompt[None]).logits[:, -1] / temperature
+    expected = TopPLogitsWarper(top_p)(prompt[None], logits).softmax(-1)[0]
+    torch.manual_seed(0)
+    n = 20000
+    firsts = torch.tensor([r[0] for r in sample_responses(model, [prompt], n, PAD, -1, 1, temperature, top_p)[0]])
+    freq = torch.bincount(firsts, minlength=len(expected)) / n
+    assert bool((freq[expected == 0] == 0).all())  # never outside the nucleus
+    assert (freq - expected).abs().sum() / 2 < 0.05 + (expected > 0).sum() / n  # total variation, for the noise
+
+
+def test_peft_model_with_lora_adapter(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft.train()
+    torch.manual_seed(0)
+    out = sample_responses(peft, PROMPTS, 3, PAD, 2, 6)
+    assert [len(s) for s in out] == [3, 3, 3] and all(0 < len(r) <= 6 for s in out for r in s)
+    assert peft.training  # the mode is restored
