@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openrlhf_ditto.pairs import KINDS, SequenceBatch
+from openrlhf_ditto.pairs import KINDS, PairBatch, SequenceBatch
 
 
 class DittoActorLoss(nn.Module):
@@ -58,6 +58,19 @@ class DittoActorLoss(nn.Module):
                 metrics[f"{name}/chosen_reward"] = chosen_rewards[mask].mean().item()
                 metrics[f"{name}/rejected_reward"] = rejected_rewards[mask].mean().item()
         return loss, metrics
+
+    def on_pairs(self, logps: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of a pair batch given its rows' policy log-probs (chosen rows, then rejected rows)."""
+        B = len(batch.kinds)
+        return self(
+            logps[:B],
+            logps[B:],
+            batch.ref_logps[:B],
+            batch.ref_logps[B:],
+            batch.kinds,
+            batch.action_mask[:B].sum(-1),
+            batch.chosen_is_demo,
+        )
 
 
 def sequence_logps(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:

@@ -57,11 +57,6 @@ class SampleStore:
             raise ValueError("an iteration needs at least one sample for every prompt (samples per prompt >= 1)")
         self.iterations.append(by_prompt)
 
-    def truncate(self, num_iterations: int) -> None:
-        """Forget iterations from `num_iterations` on (a resumed run re-samples them)."""
-        del self.iterations[num_iterations:]
-        self._written = {(f, t) for f, t in self._written if t < num_iterations}
-
     # Each iteration goes in a file of its own, written once by this store; a saved store only grows. A file this
     # store did not write or load (a crashed run's iteration, re-sampled after resuming) is replaced.
     def save(self, folder: str | os.PathLike) -> None:

@@ -285,3 +285,30 @@ def test_one_optimiser_step_raises_the_margin(tiny_model_path, optimizer):
         after, loss_after = margin_and_loss()
     assert after > before + 1e-3
     assert loss_after.item() < loss.item()
+
+
+def test_on_pairs_reads_the_pair_batch_layout():
+    """on_pairs: rows [0, B) chosen, [B, 2B) rejected, reference log-probs, kinds and demo flags from the batch."""
+    from openrlhf_ditto.pairs import PairBatch
+
+    g = torch.Generator().manual_seed(3)
+    B = 5
+    batch = PairBatch(
+        sequences=torch.zeros(2 * B, 4, dtype=torch.long),
+        attention_mask=torch.ones(2 * B, 4, dtype=torch.long),
+        action_mask=torch.rand(2 * B, 3, generator=g) > 0.3,
+        ref_logps=-torch.rand(2 * B, generator=g) * 10,
+        kinds=torch.tensor([0, 1, 2, 0, 1]),
+        chosen_is_demo=torch.tensor([True, True, False, True, True]),
+        truncated=torch.zeros(2 * B, dtype=torch.bool),
+    )
+    batch.action_mask[:, 0] = True
+    logps = -torch.rand(2 * B, generator=g) * 10
+    loss_fn = DittoActorLoss(beta=0.1, nll_coef=0.3)
+    loss, metrics = loss_fn.on_pairs(logps, batch)
+    expected, expected_metrics = loss_fn(
+        logps[:B], logps[B:], batch.ref_logps[:B], batch.ref_logps[B:], batch.kinds,
+        batch.action_mask[:B].sum(-1), batch.chosen_is_demo,
+    )  # fmt: skip
+    assert torch.equal(loss, expected) and metrics == expected_metrics
+    assert metrics["replay/count"] == 2 and "demo_nll" in metrics

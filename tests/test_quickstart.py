@@ -19,7 +19,8 @@ def test_quickstart_writes_report_and_plot(tmp_path, monkeypatch, capsys):
     png = (tmp_path / "qs" / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     out = capsys.readouterr().out
-    assert "--- DITTO ---" in out and "style markers in held-out answers: base model" in out
+    assert "--- DITTO ---" in out and "style markers in greedy held-out answers: base model" in out
+    assert "sampled held-out answers with every marker: base model" in out
 
     with pytest.raises(Exception, match="--resume"):  # a second quick start in the same folder is refused
         qs.quickstart(str(tmp_path / "qs"))

@@ -136,11 +136,6 @@ def test_a_resumed_store_replaces_the_iterations_it_resamples(tmp_path):
     resumed.save(tmp_path)
     assert_same_store(resumed, SampleStore.load(tmp_path))
 
-    resumed.truncate(1)  # the same after an explicit truncate
-    resumed.add_iteration(fresh.iterations[1][0] + fresh.iterations[1][1])
-    resumed.save(tmp_path)
-    assert_same_store(resumed, SampleStore.load(tmp_path, num_iterations=2), num_iterations=2)
-
 
 def test_add_iteration_needs_a_sample_for_every_prompt():
     store = _store_with(1)
@@ -150,14 +145,6 @@ def test_add_iteration_needs_a_sample_for_every_prompt():
     store.add_iteration([Response(p, torch.tensor([4]), -1.0, False, 1) for p in (1, 0)])
     assert store.num_iterations == 2
     assert [[s.prompt for s in g] for g in store.iterations[1]] == [[0], [1]]
-
-
-def test_truncate_forgets_later_iterations():
-    store = _store_with(3)
-    store.truncate(1)
-    assert store.num_iterations == 1
-    store.add_iteration([Response(p, torch.tensor([4]), -1.0, False, 1) for p in range(2)])
-    assert store.num_iterations == 2
 
 
 def test_from_demos_groups_demos_that_share_a_prompt():

@@ -119,15 +119,7 @@ class LocalBackend:
             mb = mb.to(self.device)
             b = len(mb.kinds)
             logps = sequence_logps(self.model, mb)
-            loss, _ = self.loss_fn(
-                logps[:b],
-                logps[b:],
-                mb.ref_logps[:b],
-                mb.ref_logps[b:],
-                mb.kinds,
-                mb.action_mask[:b].sum(-1),
-                mb.chosen_is_demo,
-            )
+            loss, _ = self.loss_fn.on_pairs(logps, mb)
             (loss * b / B).backward()  # gradient accumulation: the mean over the whole batch
             chosen.append(logps[:b].detach().float().cpu())
             rejected.append(logps[b:].detach().float().cpu())
@@ -136,15 +128,7 @@ class LocalBackend:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        _, metrics = self.loss_fn(
-            torch.cat(chosen),
-            torch.cat(rejected),
-            batch.ref_logps[:B],
-            batch.ref_logps[B:],
-            batch.kinds,
-            batch.action_mask[:B].sum(-1),
-            batch.chosen_is_demo,
-        )
+        _, metrics = self.loss_fn.on_pairs(torch.cat(chosen + rejected), batch)
         seconds = time.perf_counter() - start
         metrics.update(
             lr=lr,

@@ -149,15 +149,7 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
             mb = mb.to(device)
             b = len(mb.kinds)
             logps = self.actor(mb.sequences, mb.action_mask, mb.attention_mask).sum(-1)
-            loss, _ = loss_fn(
-                logps[:b],
-                logps[b:],
-                mb.ref_logps[:b],
-                mb.ref_logps[b:],
-                mb.kinds,
-                mb.action_mask[:b].sum(-1),
-                mb.chosen_is_demo,
-            )
+            loss, _ = loss_fn.on_pairs(logps, mb)
             self.strategy.backward(loss * b * scale, self.actor, self.actor_optim)
             self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
             chosen.append(logps[:b].detach().float().cpu())
@@ -337,15 +329,9 @@ class OpenRLHFBackend:
         shards = padded.split(total // self.dp)
         refs = self.policy.async_run_method_batch("ditto_train_step", batch=shards, total_pairs=[B] * self.dp)
         out = [result[0] for result in ray.get(refs)]
-        _, metrics = self.loss_fn(
-            torch.cat([o["chosen_logps"] for o in out])[:B],
-            torch.cat([o["rejected_logps"] for o in out])[:B],
-            batch.ref_logps[:B],
-            batch.ref_logps[B:],
-            batch.kinds,
-            batch.action_mask[:B].sum(-1),
-            batch.chosen_is_demo,
-        )
+        chosen = torch.cat([o["chosen_logps"] for o in out])[:B]
+        rejected = torch.cat([o["rejected_logps"] for o in out])[:B]
+        _, metrics = self.loss_fn.on_pairs(torch.cat([chosen, rejected]), batch)
         seconds = time.perf_counter() - start
         metrics.update(
             lr=out[0]["lr"],

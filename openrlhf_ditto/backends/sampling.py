@@ -14,6 +14,7 @@ A hand-written decode loop rather than `model.generate(num_return_sequences=n)`,
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -138,7 +139,7 @@ def sample_responses(
         rows = torch.arange(len(prompts) * n, device=device)  # the sample each batch row belongs to
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         responses: list[list[int]] = [[] for _ in range(len(rows))]
-        for step in range(max_new_tokens):
+        for step in tqdm(range(max_new_tokens), desc=f"sampling {len(prompts)} prompts x {n}", leave=False):
             tokens = _draw(logits, temperature, top_p)
             for r, t, d in zip(rows.tolist(), tokens.tolist(), done.tolist()):
                 if not d:
