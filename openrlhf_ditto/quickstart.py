@@ -2,7 +2,7 @@
 
 The demos answer everyday requests in one recognisable voice: they open with "Short answer:", use a garden
 metaphor and sign off "Happy growing! 🌱". The base model never writes like that, so the change is easy to see.
-Settings are scaled down from the paper's (Mistral-7B) to finish in about ten minutes on two CPU cores.
+Settings are scaled down from the paper's (Mistral-7B) to finish in about five minutes on two CPU cores.
 """
 
 import json
