@@ -14,7 +14,6 @@ checkpoints/iter_XXXXX/ (written atomically; `latest` names the newest), final/ 
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -221,13 +220,11 @@ def train(args: SimpleNamespace, make_backend) -> Path:
         backend.load_checkpoint(resume_from / "backend")
         rng = torch.load(resume_from / "rng.pt", weights_only=False)
         sampler.load_state_dict(rng["sampler"])
-        logger.history = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
         torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+        logger.history = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
         print(f"resumed from {resume_from} (iteration {state['iteration']}, step {state['global_step']})")
     else:
         torch.manual_seed(args.train.seed)
-        random.seed(args.train.seed)
 
     for t in range(state["iteration"], args.ditto.iterations):
         rollouts = backend.generate(store.prompts, args.rollout.n_samples_per_prompt)
@@ -251,16 +248,15 @@ def train(args: SimpleNamespace, make_backend) -> Path:
         name = f"iter_{t + 1:05d}"
         tmp = _atomic_dir(out / "checkpoints" / name)
         backend.save_checkpoint(tmp / "backend")
-        torch.save(
-            {"sampler": sampler.state_dict(), "torch": torch.get_rng_state(), "python": random.getstate()},
-            tmp / "rng.pt",
-        )
+        torch.save({"sampler": sampler.state_dict(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
         _commit_dir(tmp, out / "checkpoints" / name)
         latest_tmp = out / "checkpoints" / "latest.tmp"
         latest_tmp.write_text(name)
         os.replace(latest_tmp, out / "checkpoints" / "latest")
+        for old in sorted((out / "checkpoints").glob("iter_?????"))[: -args.ckpt.max_num]:
+            shutil.rmtree(old)
 
     final = out / "final"
     tmp = _atomic_dir(final)

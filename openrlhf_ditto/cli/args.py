@@ -144,6 +144,7 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--overwrite", action="store_true", help="delete a previous run in --ckpt.output_dir and start again"
     )
+    g.add_argument("--ckpt.max_num", type=int, default=3, help="checkpoints kept, newest first (default: 3)")
     g.add_argument("--logger.tensorboard_dir", default=None, help="TensorBoard folder (default: <output_dir>/logs)")
     g.add_argument("--logger.wandb.key", default=None, help="W&B API key; logging to W&B is on when given")
     g.add_argument("--logger.wandb.project", default="openrlhf_ditto", help="W&B project")
@@ -188,6 +189,7 @@ def validate(args: SimpleNamespace) -> None:
         ("--ditto.resample_every", args.ditto.resample_every),
         ("--train.batch_size", args.train.batch_size),
         ("--train.micro_batch_size", args.train.micro_batch_size),
+        ("--ckpt.max_num", args.ckpt.max_num),
     ]:
         if value < 1:
             raise SystemExit(f"error: {flag} is {value}; it must be >= 1")
