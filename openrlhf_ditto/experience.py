@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import torch
 
-from openrlhf_ditto.pairs import PairBatch, PairSampler, collate, collate_pairs
+from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate, collate_pairs
 from openrlhf_ditto.store import Response, SampleStore
 
-# (sequences batch) -> per-row sum of the reference's log-probs over the response tokens
-RefLogpFn = Callable[..., torch.Tensor]
+# a batch of sequences -> per-row sum of the reference's log-probs over the response tokens
+RefLogpFn = Callable[[SequenceBatch], torch.Tensor]
 
 
 class DittoExperienceMaker:
