@@ -53,3 +53,20 @@ def tiny_model_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_model(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    """The tiny model in eval mode (fp32), loaded once per test module."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's matmuls are far too small for threads: one thread is faster, and immune to busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

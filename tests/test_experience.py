@@ -4,27 +4,15 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from openrlhf_ditto.experience import DittoExperienceMaker
 from openrlhf_ditto.loss import sequence_logps
 from openrlhf_ditto.pairs import INTER_MODEL, ONLINE, REPLAY, PairSampler, SequenceBatch, collate
 from openrlhf_ditto.store import DEMO, SampleStore
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAD, EOS, EOS2 = 0, 2, 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
 
 
 class CountingReference:

@@ -18,6 +18,8 @@ from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
 from openrlhf_ditto.pairs import INTER_MODEL, KINDS, ONLINE, REPLAY, PairSampler, collate, collate_pairs
 from openrlhf_ditto.store import DEMO, Response, SampleStore
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SETTINGS = [
     dict(beta=0.1),
     dict(beta=0.5),
@@ -136,20 +138,6 @@ def test_nll_term_is_the_mean_per_token_nll_of_demo_chosen_rows(config, coef):
 
 
 # ------------------------------------------------------------------------------------------- sequence log-probs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are far too small for threads: one thread is faster, and immune to busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,6 @@ PAD = 0
 PROMPTS = [torch.tensor([5, 6, 7, 8, 9, 10, 11]), torch.tensor([12, 13]), torch.tensor([40, 41, 42, 43])]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
-
-
 def greedy_generate(model, prompts, eos, max_new_tokens):
     """HF's greedy `generate` on the left-padded prompts, each row cut after its first EOS."""
     P = max(len(p) for p in prompts)
