@@ -72,7 +72,7 @@ def bench_sampling(model, tokenizer, prompts, m, max_new_tokens, temperature, to
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, batch_size=2)
     batch = collate(ids, [p[:0] for p in ids], pad)
     # warm-up calls
-    sample_responses(model, ids[:2], 2, pad, eos, 4, temperature, top_p)
+    sample_responses(model, ids[:2], 2, pad, [eos], 4, temperature, top_p)
     model.generate(
         input_ids=batch.sequences[:2], attention_mask=batch.attention_mask[:2], **{**settings, "max_new_tokens": 4}
     )
@@ -80,7 +80,7 @@ def bench_sampling(model, tokenizer, prompts, m, max_new_tokens, temperature, to
     out = {}
 
     torch.manual_seed(0)
-    seconds, responses = timed(lambda: sample_responses(model, ids, m, pad, eos, max_new_tokens, temperature, top_p))
+    seconds, responses = timed(lambda: sample_responses(model, ids, m, pad, [eos], max_new_tokens, temperature, top_p))
     out["ours: `sample_responses`"] = (sum(len(r) for s in responses for r in s), seconds)
 
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def main():
     torch.manual_seed(1)
     eos = tokenizer.eos_token_id
     ids = [torch.tensor(tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"]) for p in prompts]
-    samples = sample_responses(model, ids, 2, tokenizer.pad_token_id, eos, args.max_new_tokens)
+    samples = sample_responses(model, ids, 2, tokenizer.pad_token_id, [eos], args.max_new_tokens)
     texts = [[tokenizer.decode(r) for r in s] for s in samples]
     dataset = training_pairs(tokenizer, prompts, texts, args.pairs)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,20 @@ from pathlib import Path
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def eos_token_ids(model_path: str | os.PathLike, tokenizer) -> set[int]:
+    """Every token id that ends a response: the tokenizer's EOS plus the model's generation_config `eos_token_id`
+    (an int or a list). HF generate and vLLM stop on all of them; Qwen2.5-Instruct, for one, lists <|im_end|> and
+    <|endoftext|>, so a sample ending with the second is finished, not truncated."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json: the model config's
+        eos = getattr(AutoConfig.from_pretrained(model_path), "eos_token_id", None)
+    ids = set(eos) if isinstance(eos, list) else {eos}
+    return {int(i) for i in ids | {tokenizer.eos_token_id} if i is not None}
+
+
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a local Hugging Face folder holding SmolLM2-135M-Instruct (fp32 weights, tokenizer, chat template).
 

@@ -7,6 +7,7 @@ Settings are scaled down from the paper's (Mistral-7B) to finish in about five m
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,9 +50,11 @@ def answers(
     """Greedy answers to `prompts`, and the share of `samples` sampled answers per prompt (temperature 1, seeded)
     that carry every style marker: greedy shows one answer, the sampled share shows how the policy moved."""
     from openrlhf_ditto.backends.sampling import sample_responses
+    from openrlhf_ditto.models import eos_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    eos = eos_token_ids(model_path, tokenizer)
     chats = [[{"role": "user", "content": p}] for p in prompts]
     ids = [
         tokenizer.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt")["input_ids"] for c in chats
@@ -61,9 +64,7 @@ def answers(
         gen = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         greedy.append(tokenizer.decode(gen[0, x.shape[1] :], skip_special_tokens=True).strip())
     torch.manual_seed(0)
-    sampled = sample_responses(
-        model, [x[0] for x in ids], samples, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens
-    )
+    sampled = sample_responses(model, [x[0] for x in ids], samples, tokenizer.pad_token_id, eos, max_new_tokens)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for group in sampled for r in group]
     return greedy, sum(style_score(t) == len(MARKERS) for t in texts) / len(texts)
 
@@ -90,21 +91,22 @@ def plot(metrics_file: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def quickstart(output_dir: str, overwrite: bool = False, resume: bool = False) -> Path:
-    from openrlhf_ditto.backends.local import LocalBackend
-    from openrlhf_ditto.cli.args import hierarchize, validate
-    from openrlhf_ditto.cli.main import build_parser
+def train_argv(output_dir: str, overwrite: bool = False, resume: bool = False) -> list[str]:
+    """The `openrlhf-ditto train` flags of the quick start: SmolLM2 (converted on first use), the bundled demos."""
     from openrlhf_ditto.models import smollm2_path
+
+    argv = ["--actor.model_name_or_path", str(smollm2_path()), "--data.dataset", str(DEMOS)]
+    return argv + ["--ckpt.output_dir", output_dir, *FLAGS] + ["--overwrite"] * overwrite + ["--resume"] * resume
+
+
+def quickstart(args: SimpleNamespace) -> Path:
+    """Train with `args` (the parsed `train_argv`), then compare base, pi_0 and DITTO on held-out prompts."""
+    from openrlhf_ditto.backends.local import LocalBackend
     from openrlhf_ditto.trainer import train
 
-    base = smollm2_path()
-    argv = ["train", "--actor.model_name_or_path", str(base), "--data.dataset", str(DEMOS)]
-    argv += ["--ckpt.output_dir", output_dir, *FLAGS] + ["--overwrite"] * overwrite + ["--resume"] * resume
-    args = hierarchize(build_parser().parse_args(argv))
-    validate(args)
     final = train(args, lambda path: LocalBackend(path, args))
-
-    out = Path(output_dir)
+    base = Path(args.actor.model_name_or_path)
+    out = Path(args.ckpt.output_dir)
     # pi_0 is shown too, so the report separates what DITTO adds from what the SFT warm start already did
     models = {"base model": base, "SFT warm start (pi_0)": out / "reference", "DITTO": final}
     said, styled = {}, {}

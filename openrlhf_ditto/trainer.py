@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_ditto.demos import load_demos
 from openrlhf_ditto.experience import DittoExperienceMaker
+from openrlhf_ditto.models import eos_token_ids
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
 from openrlhf_ditto.store import SampleStore
 
@@ -211,9 +212,8 @@ def train(args: SimpleNamespace, make_backend) -> Path:
         _commit_dir(tmp, reference)
 
     sampler = PairSampler(store, tuple(args.ditto.pair_fractions), seed=args.train.seed)
-    maker = DittoExperienceMaker(
-        store, sampler, backend.reference_logps, pad, {tokenizer.eos_token_id}, args.rollout.micro_batch_size
-    )
+    eos = eos_token_ids(args.actor.model_name_or_path, tokenizer)
+    maker = DittoExperienceMaker(store, sampler, backend.reference_logps, pad, eos, args.rollout.micro_batch_size)
     maker.score_demos()
     store.save(out / "store")
     if resume_from is not None:

@@ -257,7 +257,7 @@ class CPUEngine:
             [torch.tensor(prompt_token_ids)],
             sampling_params.n,
             t.pad_token_id,
-            t.eos_token_id,
+            [t.eos_token_id],
             sampling_params.max_tokens,
             sampling_params.temperature,
             sampling_params.top_p,

@@ -1,6 +1,7 @@
 import pytest
 
 from openrlhf_ditto import quickstart as qs
+from openrlhf_ditto.cli.main import main
 
 
 @pytest.mark.slow
@@ -10,7 +11,8 @@ def test_quickstart_writes_report_and_plot(tmp_path, monkeypatch, capsys):
     small += ["--rollout.n_samples_per_prompt", "2", "--rollout.max_new_tokens", "8", "--train.batch_size", "4"]
     monkeypatch.setattr(qs, "FLAGS", qs.FLAGS + small)  # later flags win in argparse
     monkeypatch.setattr(qs, "HELD_OUT", qs.HELD_OUT[:1])
-    final = qs.quickstart(str(tmp_path / "qs"))
+    main(["quickstart", "--output_dir", str(tmp_path / "qs")])
+    final = tmp_path / "qs" / "final"
 
     assert (final / "model.safetensors").exists() and (final / "adapter").exists()
     report = (tmp_path / "qs" / "report.md").read_text()
@@ -22,8 +24,9 @@ def test_quickstart_writes_report_and_plot(tmp_path, monkeypatch, capsys):
     assert "--- DITTO ---" in out and "style markers in greedy held-out answers: base model" in out
     assert "sampled held-out answers with every marker: base model" in out
 
-    with pytest.raises(Exception, match="--resume"):  # a second quick start in the same folder is refused
-        qs.quickstart(str(tmp_path / "qs"))
+    with pytest.raises(SystemExit):  # a second quick start in the same folder is refused
+        main(["quickstart", "--output_dir", str(tmp_path / "qs")])
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_style_score_counts_markers():

@@ -31,15 +31,15 @@ def test_tiny_top_p_is_greedy_and_matches_generate_with_padding_and_eos(model):
     expected = greedy_generate(model, PROMPTS, eos=eos, max_new_tokens=12)
     assert expected[0][-1] == eos and len(expected[0]) <= 5
     assert any(len(r) == 12 and eos not in r for r in expected)
-    got = sample_responses(model, PROMPTS, 2, PAD, eos, 12, temperature=1.0, top_p=1e-9)
+    got = sample_responses(model, PROMPTS, 2, PAD, [eos], 12, temperature=1.0, top_p=1e-9)
     assert got == [[r, r] for r in expected]
 
 
 def test_samples_are_valid_and_reproducible(model):
     torch.manual_seed(0)
-    free = [r for s in sample_responses(model, PROMPTS, 5, PAD, -1, 10, temperature=0.3) for r in s]
+    free = [r for s in sample_responses(model, PROMPTS, 5, PAD, [], 10, temperature=0.3) for r in s]
     eos = next(t for r in free for t in r if sum(t in r for r in free) < 8)  # a token some samples emit, not all
-    kwargs = dict(n=5, pad_token_id=PAD, eos_token_id=eos, max_new_tokens=10, temperature=0.3)
+    kwargs = dict(n=5, pad_token_id=PAD, eos_token_ids=[eos], max_new_tokens=10, temperature=0.3)
     torch.manual_seed(1)
     first = sample_responses(model, PROMPTS, **kwargs)
     torch.manual_seed(1)
@@ -61,7 +61,7 @@ def test_first_token_follows_hf_temperature_and_top_p(model, temperature, top_p)
     expected = TopPLogitsWarper(top_p)(prompt[None], logits).softmax(-1)[0]
     torch.manual_seed(0)
     n = 20000
-    firsts = torch.tensor([r[0] for r in sample_responses(model, [prompt], n, PAD, -1, 1, temperature, top_p)[0]])
+    firsts = torch.tensor([r[0] for r in sample_responses(model, [prompt], n, PAD, [], 1, temperature, top_p)[0]])
     freq = torch.bincount(firsts, minlength=len(expected)) / n
     assert bool((freq[expected == 0] == 0).all())  # never outside the nucleus
     assert (freq - expected).abs().sum() / 2 < 0.05 + (expected > 0).sum() / n  # total variation, for the noise
@@ -74,6 +74,37 @@ def test_peft_model_with_lora_adapter(tiny_model_path):
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft.train()
     torch.manual_seed(0)
-    out = sample_responses(peft, PROMPTS, 3, PAD, 2, 6)
+    out = sample_responses(peft, PROMPTS, 3, PAD, [2], 6)
     assert [len(s) for s in out] == [3, 3, 3] and all(0 < len(r) <= 6 for s in out for r in s)
     assert peft.training  # the mode is restored
+
+
+def test_every_eos_of_the_generation_config_ends_a_sample(tiny_model_path, tmp_path, model):
+    """A model whose generation_config lists two EOS ids (as Qwen2.5-Instruct does) stops on either, and a sample
+    ending with the second one is finished, not truncated."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from openrlhf_ditto.experience import DittoExperienceMaker
+    from openrlhf_ditto.models import eos_token_ids
+    from openrlhf_ditto.store import SampleStore
+
+    free = greedy_generate(model, PROMPTS, eos=-1, max_new_tokens=12)
+    second = free[0][3]  # a token the first prompt emits greedily: make it the model's second EOS
+    folder = tmp_path / "two_eos"
+    shutil.copytree(tiny_model_path, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = GenerationConfig.from_pretrained(folder)
+    config.eos_token_id = [tokenizer.eos_token_id, second]
+    config.save_pretrained(folder)
+
+    eos = eos_token_ids(folder, tokenizer)
+    assert eos == {tokenizer.eos_token_id, second}
+    [[got]] = sample_responses(model, PROMPTS[:1], 1, PAD, eos, 12, top_p=1e-9)
+    assert got == free[0][:4]
+    store = SampleStore.from_demos([PROMPTS[0].tolist()], [[5, tokenizer.eos_token_id]], [False])
+    maker = DittoExperienceMaker(store, None, lambda batch: torch.zeros(len(batch.sequences)), PAD, eos)
+    stats = maker.make_experience([[got, free[0][:5]]])
+    assert [s.truncated for s in store.iterations[0][0]] == [False, True]
+    assert stats["samples/truncated_rate"] == 0.5

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
+from openrlhf_ditto.models import eos_token_ids
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 
 
@@ -35,6 +36,7 @@ class LocalBackend:
         self.pad = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         )
+        self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         self.model = model.to(self.device)
         if args.actor.gradient_checkpointing_enable:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -98,7 +100,7 @@ class LocalBackend:
     def generate(self, prompts: list[torch.Tensor], n: int) -> list[list[list[int]]]:
         r = self.args.rollout
         return sample_responses(
-            self.model, prompts, n, self.pad, self.tokenizer.eos_token_id, r.max_new_tokens, r.temperature, r.top_p
+            self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p
         )
 
     @torch.no_grad()

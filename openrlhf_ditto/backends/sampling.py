@@ -12,6 +12,8 @@ A hand-written decode loop rather than `model.generate(num_return_sequences=n)`,
   - rows that emitted EOS leave the batch once they are an eighth of it (dropping them copies the cache).
 """
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -106,14 +108,16 @@ def sample_responses(
     prompts: list[torch.Tensor],
     n: int,
     pad_token_id: int,
-    eos_token_id: int,
+    eos_token_ids: Collection[int],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
 ) -> list[list[list[int]]]:
-    """n sampled responses per prompt, as token ids that end with EOS, or without one when the sample reached
-    max_new_tokens (then it is truncated). Uses torch's global RNG, so a seeded run samples the same."""
+    """n sampled responses per prompt, as token ids that end with one of `eos_token_ids` (`models.eos_token_ids`),
+    or without one when the sample reached max_new_tokens (then it is truncated). Uses torch's global RNG, so a
+    seeded run samples the same."""
     device = next(model.parameters()).device
+    eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device)
     batch = collate(prompts, [p[:0] for p in prompts], pad_token_id).to(device)
     was_training = model.training
     model.eval()
@@ -144,7 +148,7 @@ def sample_responses(
             for r, t, d in zip(rows.tolist(), tokens.tolist(), done.tolist()):
                 if not d:
                     responses[r].append(t)
-            done |= tokens == eos_token_id
+            done |= torch.isin(tokens, eos)
             if step == max_new_tokens - 1 or done.all():
                 break
             if done.sum() * 8 >= len(done):

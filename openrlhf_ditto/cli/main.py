@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> None:
             validate(args)
             final = train(args, lambda path: LocalBackend(path, args))
             print(f"DITTO model saved to {final}")
-        else:
-            from openrlhf_ditto.quickstart import quickstart
+        elif ns.command == "quickstart":
+            from openrlhf_ditto.quickstart import quickstart, train_argv
 
-            quickstart(ns.output_dir, overwrite=ns.overwrite, resume=ns.resume)
+            args = hierarchize(parser.parse_args(["train", *train_argv(ns.output_dir, ns.overwrite, ns.resume)]))
+            validate(args)
+            quickstart(args)
     except (RunFolderError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
