@@ -74,16 +74,37 @@ def _commit_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _run_config(args: SimpleNamespace) -> dict:
-    """The settings that define a run: a folder holding another run's samples is not silently reused."""
-    return {
-        "model": str(args.actor.model_name_or_path),
-        "dataset": str(args.data.dataset),
-        "seed": args.train.seed,
-        "n_samples_per_prompt": args.rollout.n_samples_per_prompt,
-        "lora_rank": args.ds.lora.rank,
-        "sft_steps": args.ditto.sft_steps,
-    }
+# The settings that define a run: --resume refuses a folder whose run had others, so samples never mix.
+RUN_IDENTITY = (
+    "actor.model_name_or_path",
+    "data.dataset",
+    "train.seed",
+    "rollout.n_samples_per_prompt",
+    "ds.lora.rank",
+    "ditto.sft_steps",
+)
+
+
+def run_config(args: SimpleNamespace) -> dict:
+    """Every flag of the run as a nested dict (`run_config.json`): resume checks it, and the tools that read a run
+    folder (eval, serve-reward, export-pairs) take the run's beta and prompt rendering from it."""
+
+    def plain(x):
+        if isinstance(x, SimpleNamespace):
+            return {k: plain(v) for k, v in vars(x).items()}
+        return list(x) if isinstance(x, tuple) else str(x) if isinstance(x, Path) else x
+
+    return plain(args)
+
+
+def _identity(config: dict) -> dict:
+    def get(key):
+        node = config
+        for part in key.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else None
+        return node
+
+    return {key: get(key) for key in RUN_IDENTITY}
 
 
 class Logger:
@@ -136,16 +157,15 @@ def prepare_run_folder(args: SimpleNamespace) -> Path | None:
                 f"{out} already holds a DITTO run; pass --resume to continue it or --overwrite to delete it and "
                 "start again (or choose another --ckpt.output_dir)"
             )
-        elif json.loads(config_file.read_text()) != _run_config(args):
+        elif (saved := _identity(json.loads(config_file.read_text()))) != _identity(run_config(args)):
             raise RunFolderError(
-                f"{out} holds a run with other settings ({config_file.read_text()}); --resume needs the same "
-                "--actor.model_name_or_path, --data.dataset, --train.seed, n_samples_per_prompt, LoRA rank and "
-                "SFT steps (or use --overwrite to start again)"
+                f"{out} holds a run with other settings ({saved}); --resume needs the same "
+                f"{', '.join('--' + key for key in RUN_IDENTITY)} (or use --overwrite to start again)"
             )
     elif out.exists() and any(out.iterdir()) and not args.overwrite:
         raise RunFolderError(f"{out} is not empty and holds no DITTO run; choose an empty --ckpt.output_dir")
     out.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(json.dumps(_run_config(args)))
+    config_file.write_text(json.dumps(run_config(args), indent=1))
     latest = out / "checkpoints" / "latest"
     return out / "checkpoints" / latest.read_text().strip() if args.resume and latest.exists() else None
 
