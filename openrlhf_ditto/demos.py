@@ -1,4 +1,4 @@
-"""Demonstrations: load them with Hugging Face `datasets` and tokenize them as OpenRLHF does.
+"""Demonstrations: read them (JSON, JSONL, CSV, Parquet or a `datasets` folder) and tokenize them as OpenRLHF does.
 
 A demo is a prompt and the response the user wants. Prompts are rendered with the tokenizer's chat template
 (``apply_chat_template``, generation prompt added) or with ``input_template`` (``"User: {}\\nAssistant: "``), or
@@ -6,13 +6,13 @@ used as they are. A chat record (``messages``) uses its last assistant message a
 it as the prompt. Response token ids end with the tokenizer's EOS, as a sample that finished does.
 """
 
+import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
-
-_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
@@ -24,33 +24,109 @@ class Demo:
     truncated: bool  # the response was cut to the response budget (and lost its EOS)
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: str | os.PathLike, what: str = "demos") -> list[dict]:
+    """The records of a JSON / JSONL / CSV / Parquet file or a `datasets` folder. Each problem is one line naming
+    `what` (the flag or role of the file), the file, and the line or record at fault."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist; give a JSON, JSONL, Parquet or CSV file or a folder")
+    if path.is_dir():
+        records = _read_folder(path, what)
+    else:
+        suffix = path.suffix.lower()
+        if suffix not in (".json", ".jsonl", ".csv", ".parquet"):
+            raise ValueError(
+                f"{what}: {path} has an unknown extension; use one of .json, .jsonl, .csv, .parquet or a folder"
+            )
+        if path.stat().st_size == 0:
+            raise ValueError(f"{what}: {path} is empty; it needs at least one record")
+        if suffix == ".parquet":
+            import pyarrow.parquet
+
+            try:
+                records = pyarrow.parquet.read_table(path).to_pylist()
+            except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
+                raise ValueError(f"{what}: {path} is not a readable Parquet file ({_one_line(e)})") from None
+        else:
+            try:
+                records = _read_csv(path, what) if suffix == ".csv" else _read_json(path, what)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{what}: {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+                ) from None
+    if not records:
+        raise ValueError(f"{what}: {path} holds no records; it needs at least one record")
+    return records
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0]}"
+
+
+def _read_json(path: Path, what: str) -> list[dict]:
+    """A JSON array of objects, or JSON Lines (one object a line, blank lines skipped), whatever the extension."""
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not JSON
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what}: {path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+        lines = [None] * len(records)
+    else:
+        records, lines = [], []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{what}: {path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); each line must "
+                        "hold one JSON object"
+                    ) from None
+                lines.append(n)
+    for i, (record, n) in enumerate(zip(records, lines)):
+        if not isinstance(record, dict):
+            where = f"line {n}" if n else f"record {i}"
+            raise ValueError(f"{what}: {path}, {where}: expected a JSON object with named fields, got {record!r:.60}")
+    return records
+
+
+def _read_csv(path: Path, what: str) -> list[dict]:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a byte-order mark
+        reader = csv.DictReader(f, strict=True)
+        records = []
+        try:
+            for row in reader:
+                if None in row or None in row.values():  # DictReader's marks of a row longer / shorter than the header
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                    raise ValueError(
+                        f"{what}: {path}, line {reader.line_num}: {fields} fields where the header has "
+                        f"{len(reader.fieldnames)}; quote fields that hold commas or line breaks"
+                    )
+                records.append(row)
+        except csv.Error as e:
+            raise ValueError(f"{what}: {path}, near line {reader.line_num}: not valid CSV ({e})") from None
+    return records
+
+
+def _read_folder(path: Path, what: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    if not path.exists():
-        raise FileNotFoundError(f"demos: {path} does not exist; give a JSON, JSONL, Parquet or CSV file or a folder")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+    try:
+        if (
+            (path / "dataset_info.json").exists()
+            or (path / "state.json").exists()
+            or (path / "dataset_dict.json").exists()
+        ):
             data = datasets.load_from_disk(str(path))
         else:
             data = datasets.load_dataset(str(path), split="train")
-    else:
-        fmt = _FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(f"demos: {path} has an unknown extension; use one of {', '.join(_FORMATS)} or a folder")
-        if path.stat().st_size == 0:
-            raise ValueError(f"demos: {path} is empty; it needs at least one record with a prompt and a response")
-        try:
-            data = datasets.load_dataset(fmt, data_files=str(path), split="train")
-        except ValueError as e:  # `[]`, a CSV header alone, blank lines: datasets finds no split at all
-            if "corresponds to no data" not in str(e):
-                raise
-            data = []
+    except Exception as e:  # datasets raises many kinds; the first line says what it found
+        raise ValueError(f"{what}: cannot read the dataset folder {path} ({_one_line(e)})") from None
     if isinstance(data, datasets.DatasetDict):
         data = data["train"] if "train" in data else next(iter(data.values()))
-    if len(data) == 0:
-        raise ValueError(f"demos: {path} holds no records; it needs at least one record with a prompt and a response")
     return list(data)
 
 
@@ -66,14 +142,14 @@ def load_demos(
 ) -> list[Demo]:
     """Read and tokenize demonstrations. Errors name the file, the record and the fix."""
     path = Path(path)
-    records = _read_records(path)
+    records = read_records(path)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("demos: the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before training")
     if (apply_chat_template or "messages" in records[0]) and not tokenizer.chat_template:
         raise ValueError(
-            "demos: the tokenizer has no chat template; use a chat model, give --input_template instead of "
-            "--apply_chat_template, or write prompts as plain text"
+            "demos: the tokenizer has no chat template; use a chat model, give --data.input_template instead of "
+            "--data.apply_chat_template, or write prompts as plain text"
         )
     demos = []
     for i, record in enumerate(records):
@@ -89,7 +165,8 @@ def load_demos(
             if missing:
                 raise ValueError(
                     f"{where}: no key {', '.join(map(repr, missing))}; its keys are {sorted(record)}. "
-                    "Name the right ones with --input_key / --output_key (or give chat records with 'messages')"
+                    "Name the right ones with --data.input_key / --data.output_key (or give chat records with "
+                    "'messages')"
                 )
             prompt_messages, response = [{"role": "user", "content": record[input_key]}], record[output_key]
         if not isinstance(response, str) or not response.strip():
@@ -106,8 +183,8 @@ def load_demos(
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(prompt_ids) > prompt_max_len:
             raise ValueError(
-                f"{where}: the prompt alone is {len(prompt_ids)} tokens, over --prompt_max_len {prompt_max_len}; "
-                "raise --prompt_max_len or shorten the prompt"
+                f"{where}: the prompt alone is {len(prompt_ids)} tokens, over the prompt budget of {prompt_max_len} "
+                "(--data.max_len minus --rollout.max_new_tokens); raise --data.max_len or shorten the prompt"
             )
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
         truncated = len(response_ids) > generate_max_len

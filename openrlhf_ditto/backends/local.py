@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
-from openrlhf_ditto.models import eos_token_ids
+from openrlhf_ditto.models import eos_token_ids, save_pretrained
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 
 
@@ -45,7 +45,7 @@ class LocalBackend:
             self.model = self._with_fresh_adapter(self.model)
         self.reference = None  # full-parameter training only: the frozen copy of pi_0
         self.loss_fn = DittoActorLoss(args.ditto.beta, args.ditto.label_smoothing, args.ditto.ipo, args.ditto.nll_coef)
-        self.sft_optimizer = None
+        self.sft_optimizer = self.sft_scheduler = None
         self.optimizer = None
         self.scheduler = None
 
@@ -61,30 +61,36 @@ class LocalBackend:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def sft_step(self, batch: SequenceBatch) -> float:
+        d = self.args.ditto
         if self.sft_optimizer is None:
-            self.sft_optimizer = torch.optim.AdamW(self._trainable(), lr=self.args.ditto.sft_lr, weight_decay=0.0)
+            self.sft_optimizer = torch.optim.AdamW(self._trainable(), lr=d.sft_lr, weight_decay=0.0)
+            self.sft_scheduler = get_scheduler(
+                d.sft_lr_scheduler,
+                self.sft_optimizer,
+                num_warmup_steps=math.ceil(d.sft_warmup_ratio * d.sft_steps),
+                num_training_steps=d.sft_steps,
+            )
         self.model.train()
         batch = batch.to(self.device)
         loss = -sequence_logps(self.model, batch).sum() / batch.action_mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self._trainable(), self.args.actor.max_norm)
         self.sft_optimizer.step()
+        self.sft_scheduler.step()
         self.sft_optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     def freeze_reference(self, save_to: Path | None) -> None:
         if self.lora:
-            base = self.model.merge_and_unload()  # pi_0 = base + SFT adapter
-            if save_to is not None:
-                base.save_pretrained(save_to)
-            self.model = self._with_fresh_adapter(base)
-        else:
-            if save_to is not None:
-                self.model.save_pretrained(save_to)
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.model = self.model.merge_and_unload()  # pi_0 = base + SFT adapter
         if save_to is not None:
+            save_pretrained(self.model, save_to)
             self.tokenizer.save_pretrained(save_to)
-        self.sft_optimizer = None
+        if self.lora:
+            self.model = self._with_fresh_adapter(self.model)
+        else:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.sft_optimizer = self.sft_scheduler = None
         opt = self.args.actor
         self.optimizer = torch.optim.AdamW(
             self._trainable(), lr=opt.adam.lr, betas=tuple(opt.adam.betas), weight_decay=opt.adam.weight_decay
@@ -126,8 +132,8 @@ class LocalBackend:
             chosen.append(logps[:b].detach().float().cpu())
             rejected.append(logps[b:].detach().float().cpu())
         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), self.args.actor.max_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         _, metrics = self.loss_fn.on_pairs(torch.cat(chosen + rejected), batch)
@@ -159,11 +165,17 @@ class LocalBackend:
         self.model.load_state_dict(state["trainable"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The loaded states carry the lr the run started with; a resumed run (after a NaN, say) takes today's
+        # --actor.adam.lr, at the point of the schedule where it stopped.
+        lr = self.args.actor.adam.lr
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(self.scheduler.last_epoch)
 
     def save_model(self, folder: Path) -> None:
         if self.lora:
-            self.model.save_pretrained(folder / "adapter")
-            copy.deepcopy(self.model).merge_and_unload().save_pretrained(folder)
+            save_pretrained(self.model, folder / "adapter")
+            save_pretrained(copy.deepcopy(self.model).merge_and_unload(), folder)
         else:
-            self.model.save_pretrained(folder)
+            save_pretrained(self.model, folder)
         self.tokenizer.save_pretrained(folder)

@@ -70,13 +70,13 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--actor.lr_scheduler",
         default="constant_with_warmup",
-        help="transformers scheduler name (default: constant_with_warmup)",
+        help="DITTO lr schedule, a transformers scheduler name (paper: constant_with_warmup)",
     )
     g.add_argument(
         "--actor.lr_warmup_ratio",
         type=float,
-        default=0.0,
-        help="warm-up steps as a fraction of all DITTO steps (default: 0)",
+        default=0.25,
+        help="DITTO warm-up steps as a fraction of all DITTO steps (paper: 0.25)",
     )
     g.add_argument("--actor.max_norm", type=float, default=1.0, help="gradient clipping norm (default: 1.0)")
 
@@ -102,6 +102,17 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
         "--ditto.sft_stop_loss", type=float, default=1.0, help="stop SFT once the demo loss is below this (paper: 1.0)"
     )
     g.add_argument("--ditto.sft_lr", type=float, default=3e-5, help="SFT learning rate (paper: 3e-5)")
+    g.add_argument(
+        "--ditto.sft_lr_scheduler",
+        default="cosine",
+        help="SFT lr schedule over --ditto.sft_steps, a transformers scheduler name (paper: cosine)",
+    )
+    g.add_argument(
+        "--ditto.sft_warmup_ratio",
+        type=float,
+        default=0.2,
+        help="SFT warm-up steps as a fraction of --ditto.sft_steps (paper: 0.2)",
+    )
     g.add_argument(
         "--ditto.iterations", type=int, default=4, help="sample-then-train iterations (paper: 40 steps / 10 = 4)"
     )

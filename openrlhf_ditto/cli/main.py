@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     if ns.command is None:
         parser.print_help()
         return
-    from openrlhf_ditto.trainer import RunFolderError
+    from transformers.utils import logging as hf_logging
 
+    from openrlhf_ditto.trainer import RunFolderError, RunStopped
+
+    hf_logging.disable_progress_bar()  # a bar per model load and save; ours say what the run is doing
     try:
         if ns.command == "train":
             from openrlhf_ditto.backends.local import LocalBackend
@@ -50,6 +53,12 @@ def main(argv: list[str] | None = None) -> None:
     except (RunFolderError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunStopped as e:
+        print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # before the run began (nothing written yet), or a second Ctrl-C while stopping
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
