@@ -21,7 +21,11 @@ from openrlhf_ditto.store import SampleStore
 
 
 def export_pairs(
-    run: str | os.PathLike, out: str | os.PathLike, num: int | None = None, kinds=None, seed: int = 42
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    num: int | None = None,
+    kinds: list[str] | None = None,
+    seed: int = 42,
 ) -> tuple[Counter, int]:
     """Write `num` drawn pairs of `kinds` (default: as many as the run trained on, of every kind) to `out`
     (JSONL). Returns the count per kind, and how many of the written responses train_dpo will tokenize into other

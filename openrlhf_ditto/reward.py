@@ -1,4 +1,4 @@
-"""DITTO's implicit reward, served in OpenRLHF's remote reward protocol (`--reward.remote_url`).
+"""DITTO's implicit reward, served in OpenRLHF's remote reward protocol (train_ppo_ray's reward.remote_url).
 
 A DITTO policy and its frozen reference define a reward learned from the demos (the DPO implicit reward):
     r(x, y) = beta * (log pi_ditto(y|x) - log pi_ref(y|x)), summed over the response tokens

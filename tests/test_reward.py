@@ -112,7 +112,7 @@ def openrlhf_rewards(url: str, cases, tokenizer) -> list[dict]:
 
         async def one(prompt, response):
             engine = CannedEngine({prompt: response}, tokenizer)
-            return await executor.execute(prompt, "", params, 96, tokenizer, engine)
+            return await executor.execute(prompt, "", params, 1024, tokenizer, engine)  # max_length: no truncation
 
         return await asyncio.gather(*(one(p, r) for p, r in cases))
 
@@ -152,8 +152,8 @@ def servers(run_dir, tmp_path_factory):
     try:
         for name in ("plain", "mixed"):
             cmd = [sys.executable, "-m", "openrlhf_ditto.cli.main", "serve-reward", "--host", "127.0.0.1"]
-            log = (logs / f"{name}.log").open("w")
-            procs[name] = subprocess.Popen([*cmd, "--port", str(ports[name]), *argv[name]], stdout=log, stderr=log)
+            with (logs / f"{name}.log").open("w") as log:
+                procs[name] = subprocess.Popen([*cmd, "--port", str(ports[name]), *argv[name]], stdout=log, stderr=log)
         for name, proc in procs.items():
             wait_for_port(ports[name], proc, logs / f"{name}.log")
         yield {name: f"http://127.0.0.1:{port}/get_reward" for name, port in ports.items()}, logs
@@ -167,6 +167,7 @@ def plain_reward(logratio: float, length: int) -> float:
     return min(max(2 * 0.3 * logratio / length + 0.1, -5), 5)
 
 
+@pytest.mark.slow
 def test_rewards_through_openrlhf_client(servers, cases, tokenizer, logratios):
     urls, _ = servers
     plain = openrlhf_rewards(urls["plain"], cases, tokenizer)
@@ -195,6 +196,7 @@ def post(url: str, body) -> tuple[int, str]:
     return asyncio.run(go())
 
 
+@pytest.mark.slow
 def test_bad_requests_get_clear_errors_and_the_server_stays_up(servers, cases, tokenizer, logratios):
     urls, logs = servers
     prompt, response = cases[0]

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_reward_args(
         sub.add_parser(
             "serve-reward",
-            help="serve DITTO's reward beta * (log pi - log pi_ref) to OpenRLHF PPO/GRPO (--reward.remote_url)",
+            help="serve DITTO's reward beta * (log pi - log pi_ref) as a remote reward model for OpenRLHF PPO/GRPO",
         )
     )
     export = sub.add_parser("export-pairs", help="write DITTO's ranked pairs as OpenRLHF train_dpo records (JSONL)")
