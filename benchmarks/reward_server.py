@@ -9,7 +9,7 @@ two patterns, each with and without cross-request batching:
   - requests of --clients queries each, --rounds in a row.
 Goal: >= 80% of the bound's queries/s with batching, in both patterns.
 
-    python benchmarks/reward_server.py                                 # 64 clients, 256 response tokens (~10 min)
+    python benchmarks/reward_server.py                                 # 64 clients, 256 response tokens (~15 min)
     python benchmarks/reward_server.py --clients 4 --response_tokens 16 --rounds 1    # smoke run, 1-3 minutes
 """
 

@@ -168,7 +168,7 @@ def plain_reward(logratio: float, length: int) -> float:
 
 
 @pytest.mark.slow
-def test_rewards_through_openrlhf_client(servers, cases, tokenizer, logratios):
+def test_rewards_through_openrlhf_client(servers, cases, tokenizer, logratios, monkeypatch):
     urls, _ = servers
     plain = openrlhf_rewards(urls["plain"], cases, tokenizer)
     for out, (logratio, length) in zip(plain, logratios):
@@ -182,6 +182,14 @@ def test_rewards_through_openrlhf_client(servers, cases, tokenizer, logratios):
         assert out["extra_logs"]["mix0_reward"] == pytest.approx([plain_reward(logratio, length)], abs=1e-4)
         assert out["reward"] == pytest.approx([ditto + 0.5 * plain_reward(logratio, length)], abs=1e-4)
         assert out["scores"] == out["reward"]
+
+    # and OpenRLHF turns the answer into the rollout's Experience: its reward, with each part logged beside it
+    monkeypatch.setenv("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")  # the import reaches flash-attn (CPU install)
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+
+    experience = SamplesGenerator._process_response_into_experience(None, mixed[0], max_len=1024)
+    assert experience.rewards.flatten().tolist() == pytest.approx(mixed[0]["reward"])
+    assert experience.info["ditto_reward"].flatten().tolist() == pytest.approx(mixed[0]["extra_logs"]["ditto_reward"])
 
 
 def post(url: str, body) -> tuple[int, str]:

@@ -87,7 +87,11 @@ def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, as serve_rm)")
     g.add_argument("--port", type=int, default=5000, help="port (default: 5000, as serve_rm)")
     g.add_argument(
-        "--batch_size", type=int, default=32, help="most queries scored in one forward, across requests (default: 32)"
+        "--batch_size",
+        type=int,
+        default=32,
+        help="most queries scored in one forward, across requests; lower it if the GPU runs out of memory "
+        "(default: 32)",
     )
     g.add_argument(
         "--batch_wait_ms",
