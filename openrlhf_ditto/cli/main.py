@@ -1,10 +1,12 @@
-"""The `openrlhf-ditto` command: `train` (DITTO on one machine) and `quickstart` (a demo on SmolLM2-135M)."""
+"""The `openrlhf-ditto` command: `train` (DITTO on one machine), `quickstart` (a demo on SmolLM2-135M),
+`serve-reward` (DITTO's reward for OpenRLHF PPO/GRPO) and `export-pairs` (DITTO's pairs for OpenRLHF DPO)."""
 
 import argparse
 import sys
 
 from openrlhf_ditto import __version__
 from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
+from openrlhf_ditto.pairs import KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="openrlhf-ditto", description="DITTO: align a language model to a handful of demonstrations."
     )
     parser.add_argument("--version", action="version", version=f"openrlhf-ditto {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,quickstart}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,quickstart,serve-reward,export-pairs}")
     train = sub.add_parser("train", help="run DITTO on one machine (CPU or one GPU)", description=__doc__)
     add_ditto_args(train)
     quick = sub.add_parser(
@@ -21,7 +23,82 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output_dir", default="./ditto_quickstart", help="run folder (model, report, plot)")
     quick.add_argument("--overwrite", action="store_true", help="delete a previous quick start in --output_dir")
     quick.add_argument("--resume", action="store_true", help="continue an interrupted quick start")
+    add_serve_reward_args(
+        sub.add_parser(
+            "serve-reward",
+            help="serve DITTO's reward beta * (log pi - log pi_ref) as a remote reward model for OpenRLHF PPO/GRPO",
+        )
+    )
+    export = sub.add_parser("export-pairs", help="write DITTO's ranked pairs as OpenRLHF train_dpo records (JSONL)")
+    export.add_argument("run", help="the run folder (--ckpt.output_dir of `openrlhf-ditto train`)")
+    export.add_argument("--out", required=True, help="the JSONL file to write")
+    export.add_argument("--num", type=int, default=None, help="pairs to draw (default: as many as the run trained on)")
+    export.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=None,
+        help="pair kinds to export, in the run's proportions (default: all)",
+    )
+    export.add_argument("--seed", type=int, default=42, help="seed of the pair drawing (default: 42)")
     return parser
+
+
+def _mix_entry(text: str) -> tuple[str, float]:
+    url, _, weight = text.rpartition("=")
+    try:
+        return url, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not URL=WEIGHT, e.g. http://rm:5000/get_reward=1.0") from None
+
+
+def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models: a finished DITTO run, or a policy and its reference")
+    g.add_argument(
+        "--run", default=None, help="run folder: serves its final/ policy against its reference/ with its beta"
+    )
+    g.add_argument("--policy", default=None, help="policy HF folder, or a PEFT adapter trained on --reference")
+    g.add_argument("--reference", default=None, help="reference HF folder (pi_0)")
+    g.add_argument("--beta", type=float, default=None, help="reward beta (default with --run: the run's --ditto.beta)")
+    g = parser.add_argument_group("the reward: r = clip(scale * beta * logratio + offset) + sum of weight * mixed")
+    g.add_argument(
+        "--length_normalize", action="store_true", help="mean log-ratio per response token instead of the sum"
+    )
+    g.add_argument("--scale", type=float, default=1.0, help="multiplies DITTO's reward (default: 1)")
+    g.add_argument("--offset", type=float, default=0.0, help="added to DITTO's reward after --scale (default: 0)")
+    g.add_argument(
+        "--clip_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="clip DITTO's reward"
+    )
+    g.add_argument(
+        "--mix",
+        type=_mix_entry,
+        action="append",
+        default=[],
+        metavar="URL=WEIGHT",
+        help="add WEIGHT x the rewards of another OpenRLHF reward server (repeatable), e.g. http://rm:5000/get_reward=1.0",
+    )
+    g.add_argument(
+        "--data.max_len",
+        type=int,
+        default=None,
+        help="longest query in tokens; longer ones are refused (default: the run's --data.max_len, else 2048)",
+    )
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, as serve_rm)")
+    g.add_argument("--port", type=int, default=5000, help="port (default: 5000, as serve_rm)")
+    g.add_argument(
+        "--batch_size",
+        type=int,
+        default=32,
+        help="most queries scored in one forward, across requests; lower it if the GPU runs out of memory "
+        "(default: 32)",
+    )
+    g.add_argument(
+        "--batch_wait_ms",
+        type=float,
+        default=5.0,
+        help="how long the first query of a batch waits for others to join it (default: 5)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,6 +127,25 @@ def main(argv: list[str] | None = None) -> None:
             args = hierarchize(parser.parse_args(["train", *train_argv(ns.output_dir, ns.overwrite, ns.resume)]))
             validate(args)
             quickstart(args)
+        elif ns.command == "serve-reward":
+            from openrlhf_ditto.reward import serve
+
+            serve(hierarchize(ns))
+        elif ns.command == "export-pairs":
+            from openrlhf_ditto.export import export_pairs
+
+            counts, changed = export_pairs(ns.run, ns.out, ns.num, ns.kinds, ns.seed)
+            print(
+                f"wrote {sum(counts.values())} pairs ({', '.join(f'{k} {counts[k]}' for k in KINDS if counts[k])}) to "
+                f"{ns.out}; train on them with python -m openrlhf.cli.train_dpo --data.dataset {ns.out} "
+                "--data.prompt_key prompt (prompts are rendered already: no --data.apply_chat_template)"
+            )
+            if changed:
+                print(
+                    f"note: {changed} of the {2 * sum(counts.values())} responses do not tokenize back to the run's "
+                    "own tokens (a sample cut inside a character, or tokens the tokenizer merges otherwise): "
+                    "train_dpo trains on their text's tokens"
+                )
     except (RunFolderError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,0 +1,93 @@
+"""DITTO's ranked pairs as text records for OpenRLHF's DPO trainer (`python -m openrlhf.cli.train_dpo`).
+
+Pairs are drawn from the run's store by the run's own `PairSampler`, at its newest iteration, in its pair
+fractions (restricted to --kinds): demos beat every policy sample, later policies beat earlier ones. One JSON line
+per pair:
+    {"prompt": ..., "chosen": ..., "rejected": ..., "kind": "online", "chosen_iteration": -1, "rejected_iteration": 3}
+(iteration -1 is a demo). "prompt" is the prompt exactly as the run rendered it (its chat template or input
+template already applied) and "chosen"/"rejected" the response tokens decoded with special tokens kept, so a
+finished response ends with its EOS text. train_dpo reads the file with `--data.prompt_key prompt` and without
+`--data.apply_chat_template`, and tokenizes prompt + response back to the run's own token ids. Re-rendering chat
+messages instead would not round-trip: the run stores token ids, not messages, and templates rewrite contents.
+"""
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from openrlhf_ditto.pairs import KINDS, PairSampler
+from openrlhf_ditto.store import SampleStore
+
+
+def export_pairs(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    num: int | None = None,
+    kinds: list[str] | None = None,
+    seed: int = 42,
+) -> tuple[Counter, int]:
+    """Write `num` drawn pairs of `kinds` (default: as many as the run trained on, of every kind) to `out`
+    (JSONL). Returns the count per kind, and how many of the written responses train_dpo will tokenize into other
+    tokens than the run's."""
+    from transformers import AutoTokenizer
+
+    run, out = Path(run), Path(out)
+    if not (run / "run_config.json").exists() or not (run / "store" / "demos.json").exists():
+        raise FileNotFoundError(
+            f"{run} holds no DITTO run with stored samples (run_config.json, store/); give the --ckpt.output_dir "
+            "of `openrlhf-ditto train`"
+        )
+    config = json.loads((run / "run_config.json").read_text())
+    store = SampleStore.load(run / "store")
+    if store.num_iterations == 0:
+        raise ValueError(f"{run} has no sampled iteration yet, so no pairs; let its first iteration finish")
+    kinds = list(kinds or KINDS)
+    shares = [share if kind in kinds else 0.0 for kind, share in zip(KINDS, config["ditto"]["pair_fractions"])]
+    if sum(shares) == 0:
+        raise ValueError(
+            f"the run drew no pairs of kinds {kinds} (its --ditto.pair_fractions are "
+            f"{config['ditto']['pair_fractions']} for {list(KINDS)}); choose other --kinds"
+        )
+    if num is None:
+        num = config["ditto"]["iterations"] * config["ditto"]["resample_every"] * config["train"]["batch_size"]
+    if num < 1:
+        raise ValueError(f"--num is {num}; it must be >= 1")
+    sampler = PairSampler(store, tuple(s / sum(shares) for s in shares), seed=seed)
+    # at iteration 0 every pair is online: the sampler gives the other shares to online pairs
+    pairs = [p for p in sampler.sample(num) if KINDS[p.kind] in kinds]
+    if not pairs:
+        raise ValueError(
+            f"no pairs of kinds {kinds}: {run} holds {store.num_iterations} iteration(s) of samples, and a run with "
+            "one iteration has online pairs only"
+        )
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "reference")
+
+    def text(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    prompts = [text(p) for p in store.prompts]
+    records = [
+        {
+            "prompt": prompts[p.chosen.prompt],
+            "chosen": text(p.chosen.ids),
+            "rejected": text(p.rejected.ids),
+            "kind": KINDS[p.kind],
+            "chosen_iteration": p.chosen.iteration,
+            "rejected_iteration": p.rejected.iteration,
+        }
+        for p in pairs
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, out)
+
+    # train_dpo tokenizes prompt + response text; a sample whose text does not give its tokens back (cut inside a
+    # character, or tokens the tokenizer would merge differently) reaches DPO as other tokens: count them
+    texts = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
+    ids = [store.prompts[x.prompt].tolist() + x.ids.tolist() for p in pairs for x in (p.chosen, p.rejected)]
+    retokenized = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    changed = sum(a != b for a, b in zip(retokenized, ids))
+    return Counter(r["kind"] for r in records), changed

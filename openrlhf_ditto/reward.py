@@ -1,0 +1,278 @@
+"""DITTO's implicit reward, served in OpenRLHF's remote reward protocol (train_ppo_ray's reward.remote_url).
+
+A DITTO policy and its frozen reference define a reward learned from the demos (the DPO implicit reward):
+    r(x, y) = beta * (log pi_ditto(y|x) - log pi_ref(y|x)), summed over the response tokens
+(or averaged, with --length_normalize), then scale * r + offset, clipped to --clip_range. With --mix the answer is
+that plus weight * reward of each other OpenRLHF-protocol server, so one URL gives PPO "your RM + DITTO's style".
+
+Protocol (openrlhf/utils/agent.py, cli/serve_rm.py): POST /get_reward {"query": [...], "prompts": [...],
+"labels": [...]}, where query = prompt + response decoded with special tokens kept; the answer is {"rewards",
+"scores", "extra_logs"}, one value per query. OpenRLHF's rollouts post one query per request, many at once, so
+queries of concurrent requests are gathered (up to --batch_size, --batch_wait_ms) into one forward of both models.
+"""
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import torch
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from openrlhf_ditto.loss import sequence_logps
+from openrlhf_ditto.pairs import collate
+
+logger = logging.getLogger("uvicorn.error")  # uvicorn's own log, so that our lines show beside its
+
+
+class DittoReward:
+    """The two log-prob passes and the reward's shape. `policy` is a Hugging Face folder, or a PEFT adapter folder
+    trained on top of `reference`: then one copy of the weights serves both, the reference with the adapter off."""
+
+    def __init__(
+        self,
+        policy: str | Path,
+        reference: str | Path,
+        beta: float,
+        length_normalize: bool = False,
+        scale: float = 1.0,
+        offset: float = 0.0,
+        clip_range: tuple[float, float] | None = None,
+        max_len: int = 2048,
+    ):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(reference)
+            self.policy = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype).to(self.device).eval()
+            self.reference = None  # None: the reference is self.policy with its adapter disabled
+            if (Path(policy) / "adapter_config.json").exists():
+                from peft import PeftModel
+
+                self.policy = PeftModel.from_pretrained(self.policy, policy).eval()
+            else:
+                self.reference = self.policy
+                self.policy = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(self.device).eval()
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(
+                f"cannot load the policy {policy} and its reference {reference} ({e}); --policy and --reference take "
+                "Hugging Face model folders (--policy may also be a PEFT adapter trained on --reference)"
+            ) from e
+        tokenizer = self.tokenizer
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.beta, self.length_normalize, self.scale, self.offset = beta, length_normalize, scale, offset
+        self.clip_range = clip_range
+        self.max_len = max_len
+
+    def tokenize(self, queries: list[str], prompts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, response ids) per query. The prompt is tokenized as OpenRLHF tokenizes it for vLLM and the
+        response (the rest of the query) on its own, which gives back the rollout's tokens even where a template
+        ends in a space that the response's first token would swallow if the whole query were tokenized."""
+        for i, (q, p) in enumerate(zip(queries, prompts)):
+            if not q.startswith(p):
+                raise ValueError(
+                    f"query {i} does not start with prompts[{i}]; OpenRLHF sends query = prompt + response "
+                    f"(query starts {q[: len(p) + 20]!r}, prompt is {p[:200]!r})"
+                )
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        response_ids = self.tokenizer([q[len(p) :] for q, p in zip(queries, prompts)], add_special_tokens=False)
+        items = list(zip(prompt_ids, response_ids["input_ids"]))
+        for i, (p, r) in enumerate(items):
+            if not r:
+                raise ValueError(f"query {i} has an empty response: it equals prompts[{i}]")
+            if len(p) + len(r) > self.max_len:
+                raise ValueError(
+                    f"query {i} is {len(p) + len(r)} tokens ({len(p)} prompt + {len(r)} response), over "
+                    f"--data.max_len {self.max_len}; restart the server with a larger --data.max_len"
+                )
+        return items
+
+    @torch.no_grad()
+    def __call__(self, items: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Rewards of a batch of (prompt ids, response ids): one forward of the policy, one of the reference."""
+        batch = collate([torch.tensor(p) for p, _ in items], [torch.tensor(r) for _, r in items], self.pad)
+        batch = batch.to(self.device)
+        logratio = sequence_logps(self.policy, batch)
+        if self.reference is None:
+            with self.policy.disable_adapter():
+                logratio -= sequence_logps(self.policy, batch)
+        else:
+            logratio -= sequence_logps(self.reference, batch)
+        if self.length_normalize:
+            logratio /= batch.action_mask.sum(-1)
+        rewards = self.scale * self.beta * logratio.float() + self.offset
+        if self.clip_range is not None:
+            rewards = rewards.clamp(*self.clip_range)
+        return rewards.cpu().tolist()
+
+
+def load_reward(args: SimpleNamespace) -> DittoReward:
+    """The reward of `openrlhf-ditto serve-reward`'s flags: a run folder (its final policy, its reference and its
+    beta), or --policy / --reference / --beta."""
+    max_len = args.data.max_len
+    if args.run is not None:
+        if args.policy or args.reference:
+            raise ValueError("give either --run or --policy and --reference, not both")
+        run = Path(args.run)
+        if not (run / "run_config.json").exists():
+            raise FileNotFoundError(
+                f"--run {run} holds no DITTO run (no run_config.json); give the --ckpt.output_dir of "
+                "`openrlhf-ditto train`, or --policy, --reference and --beta"
+            )
+        if not (run / "final").is_dir():
+            raise FileNotFoundError(
+                f"--run {run} has no final/ model: the run has not finished; finish it with `openrlhf-ditto train "
+                "... --resume`, or give --policy, --reference and --beta"
+            )
+        config = json.loads((run / "run_config.json").read_text())
+        beta = config["ditto"]["beta"] if args.beta is None else args.beta
+        max_len = max_len or config["data"]["max_len"]
+        adapter = run / "final" / "adapter"
+        policy, reference = (adapter if adapter.is_dir() else run / "final"), run / "reference"
+    else:
+        if not (args.policy and args.reference and args.beta is not None):
+            raise ValueError("give --run RUN_DIR, or all of --policy, --reference and --beta")
+        policy, reference, beta = args.policy, args.reference, args.beta
+    return DittoReward(
+        policy,
+        reference,
+        beta,
+        length_normalize=args.length_normalize,
+        scale=args.scale,
+        offset=args.offset,
+        clip_range=tuple(args.clip_range) if args.clip_range else None,
+        max_len=max_len or 2048,
+    )
+
+
+def _parse(data) -> tuple[list[str], list[str], list]:
+    if not isinstance(data, dict):
+        raise ValueError(
+            f'the body must be a JSON object {{"query": [...], "prompts": [...]}}, got {json.dumps(data)[:200]}'
+        )
+    missing = [k for k in ("query", "prompts") if k not in data]
+    if missing:
+        raise ValueError(f"missing key(s) {missing}; the body needs 'query' and 'prompts' (and optional 'labels')")
+    queries, prompts = data["query"], data["prompts"]
+    for key, value in (("query", queries), ("prompts", prompts)):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ValueError(f"'{key}' must be a list of strings, got {json.dumps(value)[:200]}")
+    labels = data.get("labels", [""] * len(queries))
+    if not isinstance(labels, list) or not len(queries) == len(prompts) == len(labels):
+        raise ValueError(
+            f"'query', 'prompts' and 'labels' must be lists of the same length, got {len(queries)}, {len(prompts)} "
+            f"and {len(labels) if isinstance(labels, list) else repr(labels)[:50]}"
+        )
+    return queries, prompts, labels
+
+
+async def _batch_forever(reward: DittoReward, queue: asyncio.Queue, batch_size: int, wait_s: float) -> None:
+    """Take what queued up during the last forward (or arrives within `wait_s` of the first query), up to
+    `batch_size` queries, and score them in one forward, in a thread so that the event loop keeps accepting."""
+    while True:
+        batch = [await queue.get()]
+        if queue.qsize() < batch_size - 1:
+            await asyncio.sleep(wait_s)
+        while len(batch) < batch_size and not queue.empty():
+            batch.append(queue.get_nowait())
+        try:
+            rewards = await asyncio.to_thread(reward, [item for item, _ in batch])
+        except Exception as e:  # e.g. out of memory: these requests fail, the server keeps serving
+            logger.exception("reward forward failed")
+            rewards = [e] * len(batch)
+        for (_, future), r in zip(batch, rewards):
+            if future.done():  # its client has gone
+                continue
+            if isinstance(r, Exception):
+                future.set_exception(r)
+            else:
+                future.set_result(r)
+
+
+def build_app(
+    reward: DittoReward, batch_size: int = 32, batch_wait_ms: float = 5.0, mix: list[tuple[str, float]] = ()
+) -> FastAPI:
+    """The FastAPI app. `mix`: (url, weight) of other reward servers whose rewards are added, weighted."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.queue = asyncio.Queue()  # ((prompt ids, response ids), future of its reward)
+        app.state.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180))
+        task = asyncio.create_task(_batch_forever(reward, app.state.queue, batch_size, batch_wait_ms / 1000))
+        yield
+        task.cancel()
+        await app.state.session.close()
+
+    app = FastAPI(lifespan=lifespan)
+
+    async def mixed_rewards(url: str, payload: dict) -> list[float]:
+        n = len(payload["query"])
+        try:
+            async with app.state.session.post(url, json=payload) as answer:
+                text = await answer.text()
+                if answer.status != 200:
+                    raise HTTPException(502, f"--mix {url} answered {answer.status}: {text[:500]}")
+                rewards = json.loads(text)["rewards"]
+                if not isinstance(rewards, list) or len(rewards) != n:
+                    raise ValueError(f"{str(rewards)[:200]} for {n} queries")
+                return [float(r) for r in rewards]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as e:
+            raise HTTPException(502, f"--mix {url} failed: {type(e).__name__}: {e}") from e
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request) -> dict:
+        try:
+            try:
+                data = await request.json()
+            except ValueError as e:
+                raise ValueError(f"the body is not valid JSON ({e})") from e
+            queries, prompts, labels = _parse(data)
+            items = reward.tokenize(queries, prompts)
+        except ValueError as e:  # OpenRLHF's client logs only the status code: say why here too
+            logger.warning("bad request: %s", e)
+            raise HTTPException(400, str(e)) from e
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        for item, future in zip(items, futures):
+            app.state.queue.put_nowait((item, future))
+        payload = {"query": queries, "prompts": prompts, "labels": labels}
+        try:
+            ditto, *others = await asyncio.gather(
+                asyncio.gather(*futures), *(mixed_rewards(url, payload) for url, _ in mix)
+            )
+        except HTTPException:
+            raise
+        except Exception as e:
+            raise HTTPException(500, f"scoring failed: {type(e).__name__}: {e}") from e
+        rewards = list(ditto)
+        extra_logs = {"ditto_reward": list(ditto)}
+        for i, ((_, weight), other) in enumerate(zip(mix, others)):
+            rewards = [r + weight * o for r, o in zip(rewards, other)]
+            extra_logs[f"mix{i}_reward"] = other
+        return {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs}
+
+    return app
+
+
+def serve(args: SimpleNamespace) -> None:
+    """`openrlhf-ditto serve-reward`: load the models, then serve until interrupted."""
+    for flag, value in (("--batch_size", args.batch_size), ("--port", args.port)):
+        if value < 1:
+            raise ValueError(f"{flag} is {value}; it must be >= 1")
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch_wait_ms is {args.batch_wait_ms}; it must be >= 0")
+    reward = load_reward(args)
+    models = "one model, adapter on/off" if reward.reference is None else "policy and reference models"
+    mixed = "".join(f" + {w} x {url}" for url, w in args.mix)
+    print(
+        f"DITTO reward: beta {reward.beta}, {models} on {reward.device}, batches of up to {args.batch_size} "
+        f"queries{mixed}; POST http://{args.host}:{args.port}/get_reward",
+        flush=True,
+    )
+    app = build_app(reward, args.batch_size, args.batch_wait_ms, args.mix)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
