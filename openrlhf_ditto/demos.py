@@ -1,4 +1,5 @@
-"""Demonstrations: read them (JSON, JSONL, CSV, Parquet or a `datasets` folder) and tokenize them as OpenRLHF does.
+"""Demonstrations, and external preference pairs: read them (JSON, JSONL, CSV, Parquet or a `datasets` folder) and
+tokenize them as OpenRLHF does.
 
 A demo is a prompt and the response the user wants. Prompts are rendered with the tokenizer's chat template
 (``apply_chat_template``, generation prompt added) or with ``input_template`` (``"User: {}\\nAssistant: "``), or
@@ -143,14 +144,7 @@ def load_demos(
     """Read and tokenize demonstrations. Errors name the file, the record and the fix."""
     path = Path(path)
     records = read_records(path)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("demos: the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before training")
-    if (apply_chat_template or "messages" in records[0]) and not tokenizer.chat_template:
-        raise ValueError(
-            "demos: the tokenizer has no chat template; use a chat model, give --data.input_template instead of "
-            "--data.apply_chat_template, or write prompts as plain text"
-        )
+    _check_tokenizer(tokenizer, apply_chat_template or "messages" in records[0], "demos")
     demos = []
     for i, record in enumerate(records):
         where = f"demos: {path}, record {i}"
@@ -159,7 +153,7 @@ def load_demos(
             last = max((j for j, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
             if last is None:
                 raise ValueError(f"{where}: 'messages' has no assistant message to use as the demo")
-            prompt_messages, response = messages[:last], messages[last]["content"]
+            prompt, response = messages[:last], messages[last]["content"]
         else:
             missing = [k for k in (input_key, output_key) if k not in record]
             if missing:
@@ -168,25 +162,110 @@ def load_demos(
                     "Name the right ones with --data.input_key / --data.output_key (or give chat records with "
                     "'messages')"
                 )
-            prompt_messages, response = [{"role": "user", "content": record[input_key]}], record[output_key]
-        if not isinstance(response, str) or not response.strip():
-            raise ValueError(f"{where}: the response is {response!r}; every demo needs a non-empty text response")
-
-        if apply_chat_template or "messages" in record:
-            prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = prompt_messages[-1]["content"]
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}: the prompt is {prompt!r}; it must be text")
-            if input_template:
-                prompt = input_template.format(prompt)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) > prompt_max_len:
-            raise ValueError(
-                f"{where}: the prompt alone is {len(prompt_ids)} tokens, over the prompt budget of {prompt_max_len} "
-                "(--data.max_len minus --rollout.max_new_tokens); raise --data.max_len or shorten the prompt"
+            prompt, response = record[input_key], record[output_key]
+        chat = apply_chat_template or isinstance(prompt, list)
+        demos.append(
+            _tokenize(
+                tokenizer, where, prompt, response, "response", chat, input_template, prompt_max_len, generate_max_len
             )
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
-        truncated = len(response_ids) > generate_max_len
-        demos.append(Demo(prompt, response, prompt_ids, response_ids[:generate_max_len], truncated))
+        )
     return demos
+
+
+def load_preference_pairs(
+    path: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_key: str | None = None,
+    chosen_key: str = "chosen",
+    rejected_key: str = "rejected",
+    input_template: str | None = None,
+    apply_chat_template: bool = False,
+    prompt_max_len: int = 1024,
+    generate_max_len: int = 1024,
+) -> list[tuple[Demo, Demo]]:
+    """Read and tokenize preference pairs (chosen, rejected) in OpenRLHF train_dpo's layout and with its keys:
+    chat records (chosen and rejected are conversations; the prompt is --data.prompt_key's messages, else the
+    chosen conversation minus its last message) or text records (the prompt is --data.prompt_key's text, rendered
+    as the demos are). Each side is tokenized as a demo is: its prompt, then its response and EOS."""
+    path, what = Path(path), "--ditto.extra_pairs"
+    records = read_records(path, what)
+    _check_tokenizer(tokenizer, apply_chat_template or isinstance(records[0].get(chosen_key), list), what)
+    keys = "--data.prompt_key / --data.chosen_key / --data.rejected_key"
+    pairs = []
+    for i, record in enumerate(records):
+        where = f"{what}: {path}, record {i}"
+        missing = [k for k in (prompt_key, chosen_key, rejected_key) if k is not None and k not in record]
+        if missing:
+            raise ValueError(
+                f"{where}: no key {', '.join(map(repr, missing))}; its keys are {sorted(record)}. Name the right ones "
+                f"with {keys}"
+            )
+        chosen, rejected = record[chosen_key], record[rejected_key]
+        if isinstance(chosen, list) and isinstance(rejected, list):  # conversations: the last messages differ
+            if prompt_key is None and chosen[:-1] != rejected[:-1]:
+                raise ValueError(
+                    f"{where}: the chosen and rejected conversations differ before their last message, so they "
+                    f"share no prompt; give the prompt apart with {keys}"
+                )
+            prompt = record[prompt_key] if prompt_key is not None else chosen[:-1]
+            chosen, rejected = (
+                c[-1].get("content") if c and isinstance(c[-1], dict) else c for c in (chosen, rejected)
+            )
+        elif prompt_key is None:
+            raise ValueError(
+                f"{where}: text pairs need their prompt apart (train_dpo would take the whole text as the response); "
+                "name its key with --data.prompt_key"
+            )
+        else:
+            prompt = record[prompt_key]
+        if chosen == rejected:
+            raise ValueError(
+                f"{where}: the chosen and rejected responses are the same text; DPO learns nothing from it"
+            )
+        chat = apply_chat_template or isinstance(prompt, list)
+        sides = [(chosen, "chosen response"), (rejected, "rejected response")]
+        pairs.append(
+            tuple(
+                _tokenize(tokenizer, where, prompt, text, name, chat, input_template, prompt_max_len, generate_max_len)
+                for text, name in sides
+            )
+        )
+    return pairs
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, chat: bool, what: str) -> None:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"{what}: the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before training"
+        )
+    if chat and not tokenizer.chat_template:
+        raise ValueError(
+            f"{what}: the tokenizer has no chat template; use a chat model, give --data.input_template instead of "
+            "--data.apply_chat_template, or write prompts as plain text"
+        )
+
+
+def _tokenize(
+    tokenizer, where, prompt, response, name, chat, input_template, prompt_max_len, generate_max_len
+) -> Demo:
+    """A prompt (text, or chat messages) and its response as a Demo: the prompt rendered (chat template with the
+    generation prompt, or --data.input_template) and tokenized, the response tokenized with EOS, cut to the budget."""
+    if not isinstance(response, str) or not response.strip():
+        raise ValueError(f"{where}: the {name} is {response!r}; it must be non-empty text")
+    if chat:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        if not isinstance(prompt, str):
+            raise ValueError(f"{where}: the prompt is {prompt!r}; it must be text")
+        if input_template:
+            prompt = input_template.format(prompt)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) > prompt_max_len:
+        raise ValueError(
+            f"{where}: the prompt alone is {len(prompt_ids)} tokens, over the prompt budget of {prompt_max_len} "
+            "(--data.max_len minus --rollout.max_new_tokens); raise --data.max_len or shorten the prompt"
+        )
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = len(response_ids) > generate_max_len
+    return Demo(prompt, response, prompt_ids, response_ids[:generate_max_len], truncated)

@@ -35,16 +35,17 @@ class DittoExperienceMaker:
     def _score(self, responses: list[Response]) -> None:
         """Fill in reference log-probs, once per response, a micro-batch at a time (longest first, so each
         micro-batch pads little)."""
-        order = sorted(responses, key=lambda r: len(r.ids) + len(self.store.prompts[r.prompt]), reverse=True)
+        order = sorted(responses, key=lambda r: len(r.ids) + len(self.store.prompt_of(r)), reverse=True)
         for i in range(0, len(order), self.micro_batch_size):
             chunk = order[i : i + self.micro_batch_size]
-            batch = collate([self.store.prompts[r.prompt] for r in chunk], [r.ids for r in chunk], self.pad_token_id)
+            batch = collate([self.store.prompt_of(r) for r in chunk], [r.ids for r in chunk], self.pad_token_id)
             for r, logp in zip(chunk, self.ref_logps_fn(batch).tolist()):
                 r.ref_logp = logp
 
-    def score_demos(self) -> None:
-        """Reference log-probs of the demos (once per run; a resumed store already has them)."""
-        self._score([d for d in self.store.demos if d.ref_logp != d.ref_logp])  # NaN: not scored yet
+    def score_inputs(self) -> None:
+        """Reference log-probs of the demos and the external pairs (once per run; a resumed store has them)."""
+        inputs = self.store.demos + [r for pair in self.store.external for r in pair]
+        self._score([r for r in inputs if r.ref_logp != r.ref_logp])  # NaN: not scored yet
 
     def make_experience(self, rollouts: list[list[list[int]]]) -> dict[str, float]:
         """Store one iteration's rollouts: rollouts[p] holds the M sampled responses (token ids) of prompt p.

@@ -4,11 +4,12 @@ Pairs are drawn from the run's store by the run's own `PairSampler`, at its newe
 fractions (restricted to --kinds): demos beat every policy sample, later policies beat earlier ones. One JSON line
 per pair:
     {"prompt": ..., "chosen": ..., "rejected": ..., "kind": "online", "chosen_iteration": -1, "rejected_iteration": 3}
-(iteration -1 is a demo). "prompt" is the prompt exactly as the run rendered it (its chat template or input
-template already applied) and "chosen"/"rejected" the response tokens decoded with special tokens kept, so a
-finished response ends with its EOS text. train_dpo reads the file with `--data.prompt_key prompt` and without
-`--data.apply_chat_template`, and tokenizes prompt + response back to the run's own token ids. Re-rendering chat
-messages instead would not round-trip: the run stores token ids, not messages, and templates rewrite contents.
+(iteration -1 is a demo, -2 an external pair's response). "prompt" is the prompt exactly as the run rendered it
+(its chat template or input template already applied) and "chosen"/"rejected" the response tokens decoded with
+special tokens kept, so a finished response ends with its EOS text. train_dpo reads the file with
+`--data.prompt_key prompt` and without `--data.apply_chat_template`, and tokenizes prompt + response back to the
+run's own token ids. Re-rendering chat messages instead would not round-trip: the run stores token ids, not
+messages, and templates rewrite contents.
 """
 
 import json
@@ -67,10 +68,9 @@ def export_pairs(
     def text(ids) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    prompts = [text(p) for p in store.prompts]
     records = [
         {
-            "prompt": prompts[p.chosen.prompt],
+            "prompt": text(store.prompt_of(p.chosen)),
             "chosen": text(p.chosen.ids),
             "rejected": text(p.rejected.ids),
             "kind": KINDS[p.kind],
@@ -87,7 +87,7 @@ def export_pairs(
     # train_dpo tokenizes prompt + response text; a sample whose text does not give its tokens back (cut inside a
     # character, or tokens the tokenizer would merge differently) reaches DPO as other tokens: count them
     texts = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
-    ids = [store.prompts[x.prompt].tolist() + x.ids.tolist() for p in pairs for x in (p.chosen, p.rejected)]
+    ids = [store.prompt_of(x).tolist() + x.ids.tolist() for p in pairs for x in (p.chosen, p.rejected)]
     retokenized = tokenizer(texts, add_special_tokens=False)["input_ids"]
     changed = sum(a != b for a, b in zip(retokenized, ids))
     return Counter(r["kind"] for r in records), changed

@@ -1,9 +1,10 @@
 """Ranked pairs: demos beat every policy sample, later policies beat earlier ones.
 
-Three kinds of pair (chosen > rejected), mixed in each batch by configurable fractions:
+Four kinds of pair (chosen > rejected), mixed in each batch by configurable fractions:
   online       a demo of prompt p  > a sample of p from the current iteration t
   replay       a demo of prompt p  > a sample of p from an earlier iteration j < t
   inter_model  a sample of p from iteration i > a sample of p from iteration j < i  (i <= t)
+  external     a pair of the user's own preference data (--ditto.extra_pairs), chosen > rejected as given
 At iteration 0 there is no earlier iteration: the replay and inter-model shares go to online pairs.
 Each pair is drawn in O(1) (prompt, then iteration, then sample), so a batch costs the same however many
 iterations and samples the store holds; no pair is ever enumerated.
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from openrlhf_ditto.store import Response, SampleStore
+from openrlhf_ditto.store import DEMO, Response, SampleStore
 
-KINDS = ("online", "replay", "inter_model")
-ONLINE, REPLAY, INTER_MODEL = range(3)
+KINDS = ("online", "replay", "inter_model", "external")
+ONLINE, REPLAY, INTER_MODEL, EXTERNAL = range(4)
 _MAX_DRAWS = 32  # redraws for a pair whose two responses are identical before the slot is given up
 
 
@@ -28,27 +29,32 @@ class Pair:
     rejected: Response
 
 
-def kind_counts(batch_size: int, fractions: tuple[float, float, float], has_history: bool) -> list[int]:
+def kind_counts(batch_size: int, fractions: tuple[float, ...], has_history: bool) -> list[int]:
     """Pairs of each kind in a batch: the largest-remainder rounding of fractions * batch_size.
 
-    Without history (iteration 0) the replay and inter-model fractions are added to online.
+    Without history (iteration 0) the replay and inter-model fractions are added to online. Three fractions have
+    no external share.
     """
-    f = list(fractions) if has_history else [1.0, 0.0, 0.0]
+    f = list(fractions) + [0.0] * (len(KINDS) - len(fractions))
+    if not has_history:
+        f = [f[ONLINE] + f[REPLAY] + f[INTER_MODEL], 0.0, 0.0, f[EXTERNAL]]
     exact = [x * batch_size for x in f]
     counts = [int(x) for x in exact]
-    by_remainder = sorted(range(3), key=lambda k: exact[k] - counts[k], reverse=True)
+    by_remainder = sorted(range(len(KINDS)), key=lambda k: exact[k] - counts[k], reverse=True)
     for k in by_remainder[: batch_size - sum(counts)]:
         counts[k] += 1
     return counts
 
 
 class PairSampler:
-    def __init__(self, store: SampleStore, fractions: tuple[float, float, float] = (0.7, 0.2, 0.1), seed: int = 0):
-        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+    def __init__(self, store: SampleStore, fractions: tuple[float, ...] = (0.7, 0.2, 0.1), seed: int = 0):
+        if len(fractions) not in (3, 4) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ValueError(
-                f"pair fractions (online, replay, inter_model) = {tuple(fractions)} must be >= 0 and sum to 1, "
-                "e.g. 0.7 0.2 0.1 as in the paper"
+                f"pair fractions (online, replay, inter_model[, external]) = {tuple(fractions)} must be >= 0 and sum "
+                "to 1, e.g. 0.7 0.2 0.1 as in the paper"
             )
+        if len(fractions) == 4 and fractions[EXTERNAL] > 0 and not store.external:
+            raise ValueError("an external pair share needs external pairs in the store (--ditto.extra_pairs)")
         self.store = store
         self.fractions = tuple(fractions)
         self.rng = random.Random(seed)
@@ -71,6 +77,8 @@ class PairSampler:
 
     def _draw(self, kind: int, t: int) -> Pair:
         rng, store = self.rng, self.store
+        if kind == EXTERNAL:
+            return Pair(kind, *rng.choice(store.external))
         p = rng.randrange(len(store.prompts))
         if kind == INTER_MODEL:
             i = rng.randint(1, t)
@@ -121,7 +129,7 @@ class PairBatch(SequenceBatch):
     serves both. `ref_logps` are the cached reference log-probs of all 2B rows."""
 
     ref_logps: torch.Tensor  # [2B] float32
-    kinds: torch.Tensor  # [B] int64: ONLINE, REPLAY or INTER_MODEL
+    kinds: torch.Tensor  # [B] int64: ONLINE, REPLAY, INTER_MODEL or EXTERNAL
     chosen_is_demo: torch.Tensor  # [B] bool
     truncated: torch.Tensor  # [2B] bool: responses cut at the length budget (no EOS)
 
@@ -151,11 +159,11 @@ class PairBatch(SequenceBatch):
 
 def collate_pairs(pairs: list[Pair], store: SampleStore, pad_token_id: int) -> PairBatch:
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    batch = collate([store.prompts[r.prompt] for r in responses], [r.ids for r in responses], pad_token_id)
+    batch = collate([store.prompt_of(r) for r in responses], [r.ids for r in responses], pad_token_id)
     return PairBatch(
         **vars(batch),
         ref_logps=torch.tensor([r.ref_logp for r in responses], dtype=torch.float32),
         kinds=torch.tensor([p.kind for p in pairs], dtype=torch.long),
-        chosen_is_demo=torch.tensor([p.chosen.iteration < 0 for p in pairs], dtype=torch.bool),
+        chosen_is_demo=torch.tensor([p.chosen.iteration == DEMO for p in pairs], dtype=torch.bool),
         truncated=torch.tensor([r.truncated for r in responses], dtype=torch.bool),
     )

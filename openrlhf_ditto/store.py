@@ -1,8 +1,10 @@
-"""The sample store: demos and each iteration's policy samples, with their cached reference log-probs.
+"""The sample store: demos, each iteration's policy samples and any external preference pairs, with their cached
+reference log-probs.
 
 The reference policy is frozen, so a response's reference log-prob is computed once, when it enters the store,
 and training never runs the reference again. Samples are kept per iteration and per prompt, so the pair sampler
-reaches any (iteration, prompt) group in O(1) however long the run.
+reaches any (iteration, prompt) group in O(1) however long the run. External pairs (--ditto.extra_pairs) have
+prompts of their own, which the policy never samples from.
 """
 
 import json
@@ -12,16 +14,19 @@ from pathlib import Path
 
 import torch
 
+from openrlhf_ditto.demos import Demo
+
 DEMO = -1  # the iteration of a demo response
+EXTERNAL = -2  # the iteration of a response of an external preference pair
 
 
 @dataclass
 class Response:
-    prompt: int  # index into SampleStore.prompts
+    prompt: int  # index into SampleStore.prompts (SampleStore.external_prompts for an external pair's)
     ids: torch.Tensor  # response token ids (int64, 1-D); an EOS ends it unless truncated
     ref_logp: float  # sum of the frozen reference's log-probs over the response tokens
     truncated: bool
-    iteration: int  # DEMO for a demonstration, else the policy iteration t that sampled it
+    iteration: int  # DEMO for a demonstration, EXTERNAL for an external pair's, else the iteration t of pi_t
 
 
 class SampleStore:
@@ -32,7 +37,9 @@ class SampleStore:
         for demo in demos:
             self.demos_by_prompt[demo.prompt].append(demo)
         self.iterations: list[list[list[Response]]] = []  # [t][prompt] -> samples of pi_t
-        self._written: set[tuple[Path, int]] = set()  # (folder, t): that folder's file of iteration t holds ours
+        self.external_prompts: list[torch.Tensor] = []
+        self.external: list[tuple[Response, Response]] = []  # (chosen, rejected)
+        self._written: set[tuple[Path, str]] = set()  # (folder, file name): that folder's file holds ours
 
     @classmethod
     def from_demos(cls, prompt_ids: list[list[int]], response_ids: list[list[int]], truncated: list[bool]):
@@ -43,6 +50,21 @@ class SampleStore:
             k = index.setdefault(tuple(p), len(index))
             demos.append(Response(k, torch.tensor(r, dtype=torch.long), float("nan"), t, DEMO))
         return cls([list(p) for p in index], demos)
+
+    def add_external(self, pairs: list[tuple[Demo, Demo]]) -> None:
+        """External preference pairs (chosen, rejected), grouped by prompt as demos are."""
+        index: dict[tuple[int, ...], int] = {}
+        for chosen, rejected in pairs:
+            k = index.setdefault(tuple(chosen.prompt_ids), len(index))
+            chosen_r, rejected_r = (
+                Response(k, torch.tensor(d.response_ids, dtype=torch.long), float("nan"), d.truncated, EXTERNAL)
+                for d in (chosen, rejected)
+            )
+            self.external.append((chosen_r, rejected_r))
+        self.external_prompts = [torch.tensor(p, dtype=torch.long) for p in index]
+
+    def prompt_of(self, response: Response) -> torch.Tensor:
+        return (self.external_prompts if response.iteration == EXTERNAL else self.prompts)[response.prompt]
 
     @property
     def num_iterations(self) -> int:
@@ -58,26 +80,40 @@ class SampleStore:
         self.iterations.append(by_prompt)
 
     # Each iteration goes in a file of its own, written once by this store; a saved store only grows. A file this
-    # store did not write or load (a crashed run's iteration, re-sampled after resuming) is replaced.
+    # store did not write or load (a crashed run's iteration, re-sampled after resuming) is replaced. The external
+    # pairs, possibly a large dataset, are written once too.
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / "demos.json", {"prompts": [p.tolist() for p in self.prompts], "demos": _dump(self.demos)})
         where = folder.resolve()
         for t, by_prompt in enumerate(self.iterations):
-            if (where, t) not in self._written:
-                _write_json(folder / f"iteration_{t:05d}.json", _dump([s for group in by_prompt for s in group]))
-                self._written.add((where, t))
+            name = f"iteration_{t:05d}.json"
+            if (where, name) not in self._written:
+                _write_json(folder / name, _dump([s for group in by_prompt for s in group]))
+                self._written.add((where, name))
+        if self.external and (where, "external.json") not in self._written:
+            prompts = [p.tolist() for p in self.external_prompts]
+            _write_json(
+                folder / "external.json", {"prompts": prompts, "pairs": _dump([r for p in self.external for r in p])}
+            )
+            self._written.add((where, "external.json"))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, num_iterations: int | None = None) -> "SampleStore":
         folder = Path(folder)
         head = json.loads((folder / "demos.json").read_text())
         store = cls(head["prompts"], _parse(head["demos"]))
+        if (folder / "external.json").exists():
+            external = json.loads((folder / "external.json").read_text())
+            store.external_prompts = [torch.tensor(p, dtype=torch.long) for p in external["prompts"]]
+            responses = _parse(external["pairs"])
+            store.external = list(zip(responses[::2], responses[1::2]))
+            store._written.add((folder.resolve(), "external.json"))
         t = 0
         while (folder / f"iteration_{t:05d}.json").exists() and (num_iterations is None or t < num_iterations):
             store.add_iteration(_parse(json.loads((folder / f"iteration_{t:05d}.json").read_text())))
-            store._written.add((folder.resolve(), t))
+            store._written.add((folder.resolve(), f"iteration_{t:05d}.json"))
             t += 1
         if num_iterations is not None and t < num_iterations:
             raise FileNotFoundError(f"{folder} holds {t} iterations of samples, the checkpoint needs {num_iterations}")

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from openrlhf_ditto.demos import load_demos
+from openrlhf_ditto.demos import load_demos, load_preference_pairs
 from openrlhf_ditto.experience import DittoExperienceMaker
 from openrlhf_ditto.models import eos_token_ids
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
@@ -99,6 +99,7 @@ RUN_IDENTITY = (
     "rollout.n_samples_per_prompt",
     "ds.lora.rank",
     "ditto.sft_steps",
+    "ditto.extra_pairs",
 )
 
 
@@ -199,29 +200,38 @@ def claim_run_folder(args: SimpleNamespace) -> None:
 
 
 def demos_and_store(args: SimpleNamespace, tokenizer) -> SampleStore:
-    """Load and check every demo; say once how many are cut to the response budget."""
-    demos = load_demos(
-        args.data.dataset,
-        tokenizer,
-        input_key=args.data.input_key,
-        output_key=args.data.output_key,
+    """Load and check every demo and external pair; say once how many are cut to the response budget."""
+    rendering = dict(
         input_template=args.data.input_template,
         apply_chat_template=args.data.apply_chat_template,
         prompt_max_len=args.data.max_len - args.rollout.max_new_tokens,
         generate_max_len=args.rollout.max_new_tokens,
     )
-    cut = [d for d in demos if d.truncated]
-    if cut:
-        longest = max(len(tokenizer(d.response, add_special_tokens=False)["input_ids"]) + 1 for d in cut)
-        print(
-            f"warning: {len(cut)} of {len(demos)} demos are longer than --rollout.max_new_tokens "
-            f"{args.rollout.max_new_tokens} (the longest is {longest} tokens with its EOS) and are cut to it; raise "
-            "--rollout.max_new_tokens (and --data.max_len) to train on them whole",
-            file=sys.stderr,
-        )
-    return SampleStore.from_demos(
+    demos = load_demos(
+        args.data.dataset, tokenizer, input_key=args.data.input_key, output_key=args.data.output_key, **rendering
+    )
+    store = SampleStore.from_demos(
         [d.prompt_ids for d in demos], [d.response_ids for d in demos], [d.truncated for d in demos]
     )
+    responses = {"demos": demos}
+    if args.ditto.extra_pairs:
+        d = args.data
+        pairs = load_preference_pairs(
+            args.ditto.extra_pairs, tokenizer, d.prompt_key, d.chosen_key, d.rejected_key, **rendering
+        )
+        store.add_external(pairs)
+        responses["external pair responses"] = [r for pair in pairs for r in pair]
+    for name, group in responses.items():
+        cut = [d for d in group if d.truncated]
+        if cut:
+            longest = max(len(tokenizer(d.response, add_special_tokens=False)["input_ids"]) + 1 for d in cut)
+            print(
+                f"warning: {len(cut)} of {len(group)} {name} are longer than --rollout.max_new_tokens "
+                f"{args.rollout.max_new_tokens} (the longest is {longest} tokens with its EOS) and are cut to it; "
+                "raise --rollout.max_new_tokens (and --data.max_len) to train on them whole",
+                file=sys.stderr,
+            )
+    return store
 
 
 def stop_if_not_finite(values: dict[str, float], where: str, causes: str) -> None:
@@ -323,7 +333,7 @@ def train(args: SimpleNamespace, make_backend) -> Path:
         sampler = PairSampler(store, tuple(args.ditto.pair_fractions), seed=args.train.seed)
         eos = eos_token_ids(args.actor.model_name_or_path, tokenizer)
         maker = DittoExperienceMaker(store, sampler, backend.reference_logps, pad, eos, args.rollout.micro_batch_size)
-        maker.score_demos()
+        maker.score_inputs()
         reference_causes = "broken reference weights, or an overflow in half precision (bf16/fp16)"
         for i, demo in enumerate(store.demos):
             stop_if_not_finite({"its reference log-prob": demo.ref_logp}, f"demo {i}", reference_causes)

@@ -177,13 +177,13 @@ def test_missing_key_lists_the_keys_and_the_flags(tokenizer, tmp_path):
 @pytest.mark.parametrize("response, shown", [("", "''"), ("  \n", r"'  \\n'"), (None, "None")])
 def test_empty_response(tokenizer, tmp_path, response, shown):
     path = write(tmp_path, "jsonl", [RECORDS[0], {"prompt": "Hi", "response": response}])
-    with pytest.raises(ValueError, match=rf"record 1: the response is {shown}; every demo needs a non-empty text"):
+    with pytest.raises(ValueError, match=rf"record 1: the response is {shown}; it must be non-empty text"):
         load_demos(path, tokenizer)
 
 
 def test_non_string_response(tokenizer, tmp_path):  # CSV fields are always text: "42" is a fine response there
     path = write(tmp_path, "jsonl", [{"prompt": "Hi", "response": 42}])
-    with pytest.raises(ValueError, match=r"record 0: the response is 42; every demo needs a non-empty text response"):
+    with pytest.raises(ValueError, match=r"record 0: the response is 42; it must be non-empty text"):
         load_demos(path, tokenizer)
 
 

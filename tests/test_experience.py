@@ -66,23 +66,23 @@ def setup(model):
     return maker, ref, g
 
 
-def test_score_demos_scores_each_demo_once(model, setup):
+def test_score_inputs_scores_each_demo_once(model, setup):
     maker, ref, _ = setup
     store = maker.store
     assert all(math.isnan(d.ref_logp) for d in store.demos)
-    maker.score_demos()
+    maker.score_inputs()
     assert ref.rows == len(store.demos) == 4
     assert ref.calls == math.ceil(4 / 3)
     assert all(b.sequences.shape[0] <= 3 for b in ref.batches)
     for d in store.demos:
         assert d.ref_logp == pytest.approx(one_logp(model, store.prompts[d.prompt], d.ids), abs=1e-5)
-    maker.score_demos()  # a resumed store's demos are scored already
+    maker.score_inputs()  # a resumed store's demos are scored already
     assert ref.rows == 4 and ref.calls == 2
 
 
 def test_make_experience_scores_each_sample_once_and_flags_truncation(model, setup):
     maker, ref, g = setup
-    maker.score_demos()
+    maker.score_inputs()
     rows, calls = ref.rows, ref.calls
     batch = rollouts(g, 3, 4)
     stats = maker.make_experience(batch)
@@ -109,7 +109,7 @@ def test_make_experience_scores_each_sample_once_and_flags_truncation(model, set
 
 def test_pair_batches_never_call_the_reference(model, setup):
     maker, ref, g = setup
-    maker.score_demos()
+    maker.score_inputs()
     maker.make_experience(rollouts(g, 3, 4))
     twin = PairSampler(maker.store, (0.5, 0.3, 0.2), seed=0)  # draws the same pairs, so rows can be identified
     calls, rows = ref.calls, ref.rows
@@ -148,7 +148,7 @@ def test_pair_batches_never_call_the_reference(model, setup):
 
 def test_demo_log_probs_reach_the_batches(setup):
     maker, _, g = setup
-    maker.score_demos()
+    maker.score_inputs()
     maker.make_experience(rollouts(g, 3, 2))
     batch = maker.pair_batch(6)
     B = len(batch.kinds)

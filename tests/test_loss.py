@@ -15,7 +15,7 @@ from openrlhf.models.loss import DPOLoss
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
-from openrlhf_ditto.pairs import INTER_MODEL, KINDS, ONLINE, REPLAY, PairSampler, collate, collate_pairs
+from openrlhf_ditto.pairs import EXTERNAL, INTER_MODEL, KINDS, ONLINE, REPLAY, PairSampler, collate, collate_pairs
 from openrlhf_ditto.store import DEMO, Response, SampleStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ SETTINGS = [
 def random_logps(seed: int, n: int = 12):
     g = torch.Generator().manual_seed(seed)
     pc, pr, rc, rr = (-torch.rand(n, generator=g, dtype=torch.float64) * 60 for _ in range(4))
-    kinds = torch.randint(0, 3, (n,), generator=g)
+    kinds = torch.randint(0, len(KINDS), (n,), generator=g)
     lengths = torch.randint(1, 40, (n,), generator=g)
     return pc, pr, rc, rr, kinds, lengths
 
@@ -78,12 +78,12 @@ def test_loss_matches_openrlhf_dpo_loss(config, dtype):
 
 def test_metrics_per_kind_match_a_manual_computation():
     beta = 0.2
-    # pair:        0      1      2      3      4      5      6
-    kinds = torch.tensor([ONLINE, ONLINE, REPLAY, ONLINE, INTER_MODEL, REPLAY, REPLAY])
-    pc = torch.tensor([-10.0, -20.0, -5.0, -7.0, -30.0, -8.0, -9.0], dtype=torch.float64)
-    pr = torch.tensor([-12.0, -18.0, -9.0, -7.0, -28.0, -8.0, -3.0], dtype=torch.float64)
-    rc = torch.tensor([-11.0, -19.0, -6.0, -7.0, -31.0, -8.5, -9.0], dtype=torch.float64)
-    rr = torch.tensor([-11.0, -19.0, -8.0, -7.0, -29.0, -8.0, -4.0], dtype=torch.float64)
+    # pair:        0      1      2      3      4      5      6      7
+    kinds = torch.tensor([ONLINE, ONLINE, REPLAY, ONLINE, INTER_MODEL, REPLAY, REPLAY, EXTERNAL])
+    pc = torch.tensor([-10.0, -20.0, -5.0, -7.0, -30.0, -8.0, -9.0, -4.0], dtype=torch.float64)
+    pr = torch.tensor([-12.0, -18.0, -9.0, -7.0, -28.0, -8.0, -3.0, -6.0], dtype=torch.float64)
+    rc = torch.tensor([-11.0, -19.0, -6.0, -7.0, -31.0, -8.5, -9.0, -5.0], dtype=torch.float64)
+    rr = torch.tensor([-11.0, -19.0, -8.0, -7.0, -29.0, -8.0, -4.0, -5.0], dtype=torch.float64)
     _, metrics = DittoActorLoss(beta=beta)(pc, pr, rc, rr, kinds)
     margins = [
         beta * ((c - r) - (qc - qr)) for c, r, qc, qr in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())
@@ -97,7 +97,8 @@ def test_metrics_per_kind_match_a_manual_computation():
         assert metrics[f"{name}/loss"] == pytest.approx(sum(losses[i] for i in idx) / len(idx))
         chosen = [beta * (pc[i] - rc[i]).item() for i in idx]
         assert metrics[f"{name}/chosen_reward"] == pytest.approx(sum(chosen) / len(idx))
-    assert (metrics["online/count"], metrics["replay/count"], metrics["inter_model/count"]) == (3, 3, 1)
+    counts = tuple(metrics[f"{name}/count"] for name in ("online", "replay", "inter_model", "external"))
+    assert counts == (3, 3, 1, 1)
     assert metrics["online/acc"] == pytest.approx(1 / 3)  # pairs 0 (+), 1 (-), 3 (0 is no win)
     assert metrics["acc"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
     assert metrics["margin"] == pytest.approx(sum(margins) / len(margins))

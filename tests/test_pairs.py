@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from openrlhf_ditto.demos import Demo
 from openrlhf_ditto.pairs import (
+    EXTERNAL,
     INTER_MODEL,
     KINDS,
     ONLINE,
@@ -23,6 +25,7 @@ from openrlhf_ditto.pairs import (
     kind_counts,
 )
 from openrlhf_ditto.store import DEMO, Response, SampleStore
+from openrlhf_ditto.store import EXTERNAL as EXTERNAL_ITERATION
 
 PAD = 0
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)  # the same examples every run
@@ -30,7 +33,8 @@ SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)  # the sam
 
 @st.composite
 def stores(draw, unique: bool = True, min_iterations: int = 1, max_iterations: int = 4) -> SampleStore:
-    """A store of random token sequences: several prompts, 1-3 demos per prompt, T iterations of M samples.
+    """A store of random token sequences: several prompts, 1-3 demos per prompt, T iterations of M samples, and 1-3
+    external pairs (on prompts of their own, sometimes shared).
 
     With `unique` every response starts with a token of its own, so no two responses are identical; without it
     the responses are 1-2 tokens over a 2-token vocabulary, so identical responses are the rule.
@@ -52,12 +56,26 @@ def stores(draw, unique: bool = True, min_iterations: int = 1, max_iterations: i
     m = draw(st.integers(1, 3))
     for t in range(draw(st.integers(min_iterations, max_iterations))):
         store.add_iteration([response(p, t) for p in range(n_prompts) for _ in range(m)])
+    external_prompts = [
+        draw(st.lists(st.integers(1, 50), min_size=1, max_size=5)) for _ in range(draw(st.integers(1, 2)))
+    ]
+    store.add_external(
+        [
+            tuple(Demo("", "", draw(st.sampled_from(external_prompts)), [next(serial), 7], False) for _ in range(2))
+            for _ in range(draw(st.integers(1, 3)))
+        ]
+    )
+    for pair in store.external:
+        for r in pair:
+            r.ref_logp = draw(st.floats(-200, 0, allow_nan=False, width=32))  # scored, as the trainer does first
     return store
 
 
 @st.composite
-def fraction_triples(draw) -> tuple[float, float, float]:
-    weights = draw(st.lists(st.integers(0, 10), min_size=3, max_size=3).filter(lambda w: sum(w) > 0))
+def fraction_lists(draw) -> tuple[float, ...]:
+    """Three shares (online, replay, inter_model) or four (and external)."""
+    n = draw(st.sampled_from([3, 4]))
+    weights = draw(st.lists(st.integers(0, 10), min_size=n, max_size=n).filter(lambda w: sum(w) > 0))
     return tuple(w / sum(weights) for w in weights)
 
 
@@ -66,6 +84,10 @@ def check_kind(pair, store: SampleStore) -> None:
     t = store.num_iterations - 1
     chosen, rejected = pair.chosen, pair.rejected
     assert chosen.prompt == rejected.prompt
+    if pair.kind == EXTERNAL:  # one of the store's external pairs, chosen above rejected as given
+        assert any(chosen is c and rejected is r for c, r in store.external)
+        assert chosen.iteration == rejected.iteration == EXTERNAL_ITERATION
+        return
     if pair.kind == ONLINE:
         assert chosen.iteration == DEMO and rejected.iteration == t
         assert any(chosen is d for d in store.demos_by_prompt[chosen.prompt])
@@ -84,10 +106,20 @@ def signature(pairs) -> list[tuple[int, int, int]]:
     return [(p.kind, id(p.chosen), id(p.rejected)) for p in pairs]
 
 
+def within_one_pair(counts: list[int], fractions: tuple[float, ...], batch_size: int, has_history: bool) -> None:
+    f = list(fractions) + [0.0] * (4 - len(fractions))
+    if not has_history:  # iteration 0: the replay and inter-model shares go to online pairs
+        f = [f[0] + f[1] + f[2], 0.0, 0.0, f[3]]
+    for count, fraction in zip(counts, f, strict=True):
+        assert abs(count - fraction * batch_size) < 1
+        if fraction == 0:
+            assert count == 0
+
+
 @SETTINGS
 @given(
     store=stores(),
-    fractions=fraction_triples(),
+    fractions=fraction_lists(),
     batch_size=st.integers(1, 40),
     seed=st.integers(0, 2**32),
 )
@@ -98,13 +130,9 @@ def test_pairs_have_their_kind_and_the_batch_its_counts(store, fractions, batch_
     for pair in pairs:
         check_kind(pair, store)
         assert not torch.equal(pair.chosen.ids, pair.rejected.ids)
-    counts = [sum(p.kind == k for p in pairs) for k in range(3)]
+    counts = [sum(p.kind == k for p in pairs) for k in range(len(KINDS))]
     assert counts == kind_counts(batch_size, fractions, t > 0)
-    if t == 0:
-        assert counts == [batch_size, 0, 0]
-    else:
-        for count, fraction in zip(counts, fractions):
-            assert abs(count - fraction * batch_size) < 1
+    within_one_pair(counts, fractions, batch_size, t > 0)
     # pairs of one kind come together, in KINDS order
     assert [p.kind for p in pairs] == sorted(p.kind for p in pairs)
 
@@ -112,32 +140,24 @@ def test_pairs_have_their_kind_and_the_batch_its_counts(store, fractions, batch_
 @SETTINGS
 @given(
     batch_size=st.integers(1, 200),
-    fractions=fraction_triples(),
+    fractions=fraction_lists(),
     has_history=st.booleans(),
 )
 def test_kind_counts_round_within_one_pair(batch_size, fractions, has_history):
     counts = kind_counts(batch_size, fractions, has_history)
-    assert sum(counts) == batch_size and min(counts) >= 0
-    if not has_history:
-        assert counts == [batch_size, 0, 0]
-    else:
-        for count, fraction in zip(counts, fractions):
-            assert abs(count - fraction * batch_size) < 1
-            if fraction == 0:
-                assert count == 0
+    assert sum(counts) == batch_size and min(counts) >= 0 and len(counts) == len(KINDS)
+    within_one_pair(counts, fractions, batch_size, has_history)
 
 
 @SETTINGS
-@given(
-    store=stores(unique=False), fractions=fraction_triples(), batch_size=st.integers(1, 30), seed=st.integers(0, 99)
-)
+@given(store=stores(unique=False), fractions=fraction_lists(), batch_size=st.integers(1, 30), seed=st.integers(0, 99))
 def test_no_pair_has_two_identical_responses(store, fractions, batch_size, seed):
     pairs = PairSampler(store, fractions, seed=seed).sample(batch_size)
     expected = kind_counts(batch_size, fractions, store.num_iterations > 1)
     for pair in pairs:
         check_kind(pair, store)
         assert not torch.equal(pair.chosen.ids, pair.rejected.ids)
-    for k in range(3):
+    for k in range(len(KINDS)):
         assert sum(p.kind == k for p in pairs) <= expected[k]
 
 
@@ -154,8 +174,8 @@ def test_samples_equal_to_their_demo_drop_the_online_pairs_rather_than_loop():
     store.add_iteration([Response(d.prompt, torch.tensor([9, d.prompt]), -3.0, False, 0) for d in demos])
     store.add_iteration([Response(d.prompt, d.ids.clone(), -2.0, False, 1) for d in demos for _ in range(2)])
     pairs = PairSampler(store, (0.5, 0.25, 0.25), seed=0).sample(16)
-    counts = [sum(p.kind == k for p in pairs) for k in range(3)]
-    assert counts == [0, 4, 4]  # online dropped; replay and inter_model (iteration 1 over 0) kept in full
+    counts = [sum(p.kind == k for p in pairs) for k in range(len(KINDS))]
+    assert counts == [0, 4, 4, 0]  # online dropped; replay and inter_model (iteration 1 over 0) kept in full
     for pair in pairs:
         check_kind(pair, store)
         assert not torch.equal(pair.chosen.ids, pair.rejected.ids)
@@ -216,15 +236,22 @@ def test_state_dict_continues_the_same_stream(tmp_path_factory, roundtrip, store
         (1.2, -0.1, -0.1),
         (1.0, -0.5, 0.5),
         (0.7, 0.3),
-        (0.7, 0.2, 0.1, 0.0),
+        (0.6, 0.2, 0.1, 0.0, 0.1),
+        (0.7, 0.2, 0.2, -0.1),
         (0, 0, 0),
     ],
 )
 def test_bad_fractions_raise_and_name_them(fractions):
     store = _big_store()
-    with pytest.raises(ValueError, match=re.escape(f"(online, replay, inter_model) = {tuple(fractions)}")) as info:
+    with pytest.raises(ValueError, match=re.escape(f"inter_model[, external]) = {tuple(fractions)}")) as info:
         PairSampler(store, fractions)
     assert ">= 0 and sum to 1" in str(info.value)
+
+
+def test_an_external_share_needs_external_pairs():
+    with pytest.raises(ValueError, match="external pairs in the store"):
+        PairSampler(_big_store(), (0.6, 0.2, 0.1, 0.1))
+    assert PairSampler(_big_store(), (0.7, 0.2, 0.1, 0.0)).sample(10)  # a zero share needs none
 
 
 def test_sampling_an_empty_store_says_so():
@@ -269,7 +296,7 @@ def test_collate_prompts_alone():
 
 
 def _pairs_and_batch(store, seed, batch_size):
-    pairs = PairSampler(store, (0.5, 0.3, 0.2), seed=seed).sample(batch_size)
+    pairs = PairSampler(store, (0.4, 0.3, 0.2, 0.1), seed=seed).sample(batch_size)
     return pairs, collate_pairs(pairs, store, PAD)
 
 
@@ -281,7 +308,7 @@ def test_collate_pairs_puts_chosen_first_and_carries_the_fields(store, seed, bat
     assert isinstance(batch, PairBatch)
     assert batch.sequences.shape[0] == 2 * B
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    expected = collate([store.prompts[r.prompt] for r in responses], [r.ids for r in responses], PAD)
+    expected = collate([store.prompt_of(r) for r in responses], [r.ids for r in responses], PAD)
     assert torch.equal(batch.sequences, expected.sequences)
     assert torch.equal(batch.attention_mask, expected.attention_mask)
     assert torch.equal(batch.action_mask, expected.action_mask)
@@ -289,13 +316,14 @@ def test_collate_pairs_puts_chosen_first_and_carries_the_fields(store, seed, bat
     for i, r in enumerate(responses):
         assert batch.sequences[i, -R:][batch.action_mask[i]].tolist() == r.ids.tolist()
         real = batch.sequences[i][batch.attention_mask[i].bool()].tolist()
-        assert real == store.prompts[r.prompt].tolist() + r.ids.tolist()
+        prompts = store.external_prompts if r.iteration == EXTERNAL_ITERATION else store.prompts
+        assert real == prompts[r.prompt].tolist() + r.ids.tolist()
     assert batch.ref_logps.dtype == torch.float32
     assert batch.ref_logps.tolist() == [torch.tensor(r.ref_logp, dtype=torch.float32).item() for r in responses]
     assert batch.kinds.tolist() == [p.kind for p in pairs]
     assert batch.chosen_is_demo.tolist() == [p.chosen.iteration == DEMO for p in pairs]
     assert batch.truncated.tolist() == [r.truncated for r in responses]
-    assert batch.chosen_is_demo.tolist() == [KINDS[k] != "inter_model" for k in batch.kinds.tolist()]
+    assert batch.chosen_is_demo.tolist() == [KINDS[k] in ("online", "replay") for k in batch.kinds.tolist()]
 
 
 @SETTINGS

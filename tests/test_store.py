@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openrlhf_ditto.store import DEMO, Response, SampleStore
+from openrlhf_ditto.store import DEMO, EXTERNAL, Response, SampleStore
 
 SPECIAL_FLOATS = [0.0, -0.0, 5e-324, -2.2250738585072014e-308, 1e308, -1.0 / 3.0, math.inf, -math.inf, 0.1 + 0.2]
 
@@ -35,6 +35,13 @@ def stores(draw) -> SampleStore:
     store = SampleStore(prompts, demos)
     for t in range(draw(st.integers(0, 3))):
         store.add_iteration([response(p, t) for p in range(n_prompts) for _ in range(draw(st.integers(1, 3)))])
+    if draw(st.booleans()):  # external pairs, on prompts of their own
+        n_external = draw(st.integers(1, 2))
+        store.external_prompts = [torch.tensor(draw(ids), dtype=torch.long) for _ in range(n_external)]
+        store.external = [
+            tuple(response(draw(st.integers(0, n_external - 1)), EXTERNAL) for _ in range(2))
+            for _ in range(draw(st.integers(1, 3)))
+        ]
     return store
 
 
@@ -59,6 +66,13 @@ def assert_same_store(a: SampleStore, b: SampleStore, num_iterations: int | None
         for x, y in zip(ga, gb):
             assert_same_response(x, y)
         assert all(any(d is y for d in b.demos) for y in gb)  # the groups hold the store's own demo objects
+    assert len(a.external_prompts) == len(b.external_prompts)
+    for x, y in zip(a.external_prompts, b.external_prompts):
+        assert y.dtype == torch.long and torch.equal(x, y)
+    assert len(a.external) == len(b.external)
+    for x, y in zip(a.external, b.external):
+        assert_same_response(x[0], y[0])
+        assert_same_response(x[1], y[1])
     n = a.num_iterations if num_iterations is None else num_iterations
     assert b.num_iterations == n
     for t in range(n):
@@ -113,16 +127,26 @@ def test_load_only_the_iterations_asked_for(tmp_path):
         SampleStore.load(tmp_path, num_iterations=5)
 
 
-def test_save_writes_each_iteration_once(tmp_path):
+def test_save_writes_each_iteration_and_the_external_pairs_once(tmp_path):
+    from openrlhf_ditto.demos import Demo
+
     store = _store_with(2)
+    store.add_external([(Demo("", "", [4, 4], [5, 2], False), Demo("", "", [4, 4], [6, 2], True))])
+    for r in store.external[0]:
+        r.ref_logp = -1.5
     store.save(tmp_path)
-    first = tmp_path / "iteration_00000.json"
-    first.write_text(first.read_text())  # same content, new mtime: a rewrite would change it again
-    stamp = first.stat().st_mtime_ns
+    files = [tmp_path / "iteration_00000.json", tmp_path / "external.json"]
+    stamps = []
+    for f in files:
+        f.write_text(f.read_text())  # same content, new mtime: a rewrite would change it again
+        stamps.append(f.stat().st_mtime_ns)
     store.add_iteration([Response(p, torch.tensor([9, p]), -3.0, False, 2) for p in range(2)])
     store.save(tmp_path)
-    assert first.stat().st_mtime_ns == stamp
-    assert SampleStore.load(tmp_path).num_iterations == 3
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    loaded = SampleStore.load(tmp_path)
+    assert loaded.num_iterations == 3
+    assert [r.ref_logp for r in loaded.external[0]] == [-1.5, -1.5]
+    assert loaded.prompt_of(loaded.external[0][1]).tolist() == [4, 4] and loaded.external[0][1].truncated
 
 
 def test_a_resumed_store_replaces_the_iterations_it_resamples(tmp_path):

@@ -26,6 +26,20 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
         "--data.apply_chat_template", action="store_true", help="render prompts with the tokenizer's chat template"
     )
     g.add_argument("--data.max_len", type=int, default=2048, help="max tokens of prompt + response (default: 2048)")
+    g.add_argument(
+        "--data.prompt_key",
+        default=None,
+        help="--ditto.extra_pairs: key of the prompt, as train_dpo's (default: none; chat records use the chosen "
+        "conversation minus its last message)",
+    )
+    g.add_argument(
+        "--data.chosen_key", default="chosen", help="--ditto.extra_pairs: key of the chosen response (default: chosen)"
+    )
+    g.add_argument(
+        "--data.rejected_key",
+        default="rejected",
+        help="--ditto.extra_pairs: key of the rejected response (default: rejected)",
+    )
 
     g = parser.add_argument_group("rollout: sampling from the current policy")
     g.add_argument(
@@ -125,10 +139,17 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ditto.pair_fractions",
         type=float,
-        nargs=3,
+        nargs="+",
         default=(0.7, 0.2, 0.1),
-        metavar=("ONLINE", "REPLAY", "INTER_MODEL"),
-        help="shares of online, replay and inter-model pairs per batch; must sum to 1 (paper: 0.7 0.2 0.1)",
+        metavar="SHARE",
+        help="shares of online, replay and inter-model pairs per batch, and a fourth of external pairs with "
+        "--ditto.extra_pairs; must sum to 1 (paper: 0.7 0.2 0.1)",
+    )
+    g.add_argument(
+        "--ditto.extra_pairs",
+        default=None,
+        help="your own preference pairs, mixed into every batch at the fourth --ditto.pair_fractions share: a file "
+        "as train_dpo reads it (--data.prompt_key, --data.chosen_key, --data.rejected_key)",
     )
     g.add_argument("--ditto.beta", type=float, default=0.05, help="DPO beta (paper: 0.05)")
     g.add_argument(
@@ -181,9 +202,16 @@ def hierarchize(args: argparse.Namespace) -> SimpleNamespace:
 def validate(args: SimpleNamespace) -> None:
     """Refuse impossible settings before any work starts, saying which flag to change."""
     f = args.ditto.pair_fractions
-    if min(f) < 0 or abs(sum(f) - 1) > 1e-6:
+    if len(f) not in (3, 4) or min(f) < 0 or abs(sum(f) - 1) > 1e-6:
         raise SystemExit(
-            f"error: --ditto.pair_fractions {' '.join(map(str, f))} must be >= 0 and sum to 1 (paper: 0.7 0.2 0.1)"
+            f"error: --ditto.pair_fractions {' '.join(map(str, f))}: give 3 shares (online, replay, inter-model; "
+            "paper: 0.7 0.2 0.1) or 4 (and external pairs, e.g. 0.6 0.2 0.1 0.1), each >= 0, summing to 1"
+        )
+    external = len(f) == 4 and f[3] > 0
+    if external != bool(args.ditto.extra_pairs):
+        raise SystemExit(
+            "error: external pairs need both --ditto.extra_pairs FILE and a fourth --ditto.pair_fractions share, e.g. "
+            "0.6 0.2 0.1 0.1"
         )
     if args.rollout.n_samples_per_prompt < 1:
         raise SystemExit(
