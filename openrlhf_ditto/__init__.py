@@ -6,7 +6,7 @@ import warnings
 # user of this package can act on, and it would be the first line of every command.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
-from openrlhf_ditto.demos import Demo, load_demos
+from openrlhf_ditto.demos import Demo, load_demos, load_preference_pairs
 from openrlhf_ditto.experience import DittoExperienceMaker
 from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
 from openrlhf_ditto.pairs import KINDS, Pair, PairBatch, PairSampler, SequenceBatch, collate, collate_pairs
@@ -27,5 +27,6 @@ __all__ = [
     "collate",
     "collate_pairs",
     "load_demos",
+    "load_preference_pairs",
     "sequence_logps",
 ]
