@@ -1,5 +1,6 @@
-"""The `openrlhf-ditto` command: `train` (DITTO on one machine), `quickstart` (a demo on SmolLM2-135M),
-`serve-reward` (DITTO's reward for OpenRLHF PPO/GRPO) and `export-pairs` (DITTO's pairs for OpenRLHF DPO)."""
+"""The `openrlhf-ditto` command: `train` (DITTO on one machine), `quickstart` (a demo on SmolLM2-135M), `eval`
+(pairwise win rates on held-out prompts), `serve-reward` (DITTO's reward for OpenRLHF PPO/GRPO) and `export-pairs`
+(DITTO's pairs for OpenRLHF DPO)."""
 
 import argparse
 import sys
@@ -14,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="openrlhf-ditto", description="DITTO: align a language model to a handful of demonstrations."
     )
     parser.add_argument("--version", action="version", version=f"openrlhf-ditto {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,quickstart,serve-reward,export-pairs}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,quickstart,eval,serve-reward,export-pairs}")
     train = sub.add_parser("train", help="run DITTO on one machine (CPU or one GPU)", description=__doc__)
     add_ditto_args(train)
     quick = sub.add_parser(
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output_dir", default="./ditto_quickstart", help="run folder (model, report, plot)")
     quick.add_argument("--overwrite", action="store_true", help="delete a previous quick start in --output_dir")
     quick.add_argument("--resume", action="store_true", help="continue an interrupted quick start")
+    add_eval_args(
+        sub.add_parser("eval", help="did DITTO work? pairwise win rates of the run and baselines on held-out prompts")
+    )
     add_serve_reward_args(
         sub.add_parser(
             "serve-reward",
@@ -50,6 +54,69 @@ def _mix_entry(text: str) -> tuple[str, float]:
         return url, float(weight)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not URL=WEIGHT, e.g. http://rm:5000/get_reward=1.0") from None
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="the run folder (--ckpt.output_dir of `openrlhf-ditto train`)")
+    parser.add_argument(
+        "--conditions",
+        nargs="+",
+        default=None,
+        metavar="CONDITION",
+        help="what to compare: zero-shot (the run's base model), few-shot (it, with the run's demos in context), sft "
+        "(the run's pi_0), ditto (its final model), or NAME=HF_FOLDER (default: zero-shot few-shot sft ditto)",
+    )
+    parser.add_argument("--output_dir", default=None, help="generations, judgments and report (default: RUN/eval)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the sampling (default: 42)")
+    g = parser.add_argument_group("data: held-out prompts with the user's own responses")
+    g.add_argument("--data.dataset", required=True, help="a JSON/JSONL/Parquet/CSV file or a dataset folder")
+    g.add_argument("--data.input_key", default=None, help="record key of the prompt (default: the run's)")
+    g.add_argument("--data.output_key", default=None, help="record key of the user's response (default: the run's)")
+    g.add_argument("--data.input_template", default=None, help="prompt template (default: the run's)")
+    g.add_argument(
+        "--data.apply_chat_template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render prompts with the tokenizer's chat template (default: as the run did)",
+    )
+    g.add_argument(
+        "--few_shot.k",
+        type=int,
+        default=None,
+        help="demos in the few-shot prompt (default: all the run's, as the paper)",
+    )
+    g = parser.add_argument_group("rollout: samples per condition")
+    g.add_argument("--rollout.n_samples_per_prompt", type=int, default=3, help="N per prompt and condition (paper: 3)")
+    g.add_argument("--rollout.max_new_tokens", type=int, default=None, help="response budget (default: the run's)")
+    g.add_argument("--rollout.temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+    g.add_argument("--rollout.top_p", type=float, default=1.0, help="nucleus sampling top_p (default: 1.0)")
+    g.add_argument(
+        "--rollout.batch_size", type=int, default=8, help="prompts sampled together, each N times (default: 8)"
+    )
+    g = parser.add_argument_group("judge: which of two outputs reads more like the user's held-out response")
+    g.add_argument(
+        "--judge",
+        dest="judge.kind",
+        choices=("openai", "local"),
+        default="openai",
+        help="openai: an OpenAI-compatible chat endpoint (key from OPENAI_API_KEY); local: a Hugging Face chat "
+        "model, reading its probabilities of A and B (default: openai)",
+    )
+    g.add_argument(
+        "--judge.model",
+        default=None,
+        help="openai: the model name (default: gpt-4o); local: a Hugging Face model folder",
+    )
+    g.add_argument("--judge.url", default=None, help="openai: the API base URL (default: https://api.openai.com/v1)")
+    g.add_argument("--judge.concurrency", type=int, default=8, help="openai: requests at a time (default: 8)")
+    g.add_argument("--judge.timeout", type=float, default=60.0, help="openai: seconds per request (default: 60)")
+    g.add_argument(
+        "--judge.retries",
+        type=int,
+        default=4,
+        help="openai: retries of a failed request, 1, 2, 4... s apart (default: 4)",
+    )
+    g.add_argument("--judge.batch_size", type=int, default=8, help="local: judgments per forward (default: 8)")
 
 
 def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
             args = hierarchize(parser.parse_args(["train", *train_argv(ns.output_dir, ns.overwrite, ns.resume)]))
             validate(args)
             quickstart(args)
+        elif ns.command == "eval":
+            from openrlhf_ditto.evaluate import evaluate
+
+            print(f"report: {evaluate(hierarchize(ns))}")
         elif ns.command == "serve-reward":
             from openrlhf_ditto.reward import serve
 

@@ -1,0 +1,449 @@
+"""`openrlhf-ditto eval`: did DITTO work? The paper's pairwise win rates on held-out prompts of the same user.
+
+Conditions: zero-shot (the run's base model), few-shot (the base model with the run's demos in context), sft (the
+run's pi_0, reference/), ditto (its final/) and any NAME=HF_FOLDER. Each samples N responses per held-out prompt
+with the batched sampler (temperature 1, as the paper), saved in OUT/generations/NAME.jsonl before any judging.
+Then every pair of conditions is judged on every prompt, sample i against sample i, in both orders (A and B
+swapped) to cancel the judge's position bias (`judges.py`). A comparison counts only when both orders were
+answered; it scores 1 (won both), 0.5 (split) or 0 for the first condition. The win rate of a row over a column is
+its mean score; its 95% interval is a bootstrap over held-out prompts (the samples of one prompt are not
+independent).
+
+Nothing is done twice: generations are reused while the model, the rendered prompt and the sampling settings are
+the same, and each judgment is appended to OUT/judgments.jsonl as it arrives, keyed by (judge, reference, A, B).
+A killed eval resumes where it stopped; a new condition costs only its own pairs. Failed judgments (no answer)
+are asked again by the next run; unparsable ones are answers, kept.
+"""
+
+import asyncio
+import gc
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from openrlhf_ditto.backends.sampling import sample_responses
+from openrlhf_ditto.demos import load_demos, read_records
+from openrlhf_ditto.judges import judge_local, judge_openai
+from openrlhf_ditto.models import eos_token_ids
+
+BUILT_IN = ("zero-shot", "few-shot", "sft", "ditto")
+OPENAI_URL = "https://api.openai.com/v1"
+
+
+def conditions(entries: list[str] | None, run: Path, base: str) -> dict[str, str]:
+    """--conditions (default: the four built in) as {name: model folder}; few-shot's model is the base model."""
+    models = {}
+    for entry in entries or BUILT_IN:
+        name, given, folder = entry.partition("=")
+        if not given:
+            if name not in BUILT_IN:
+                raise ValueError(
+                    f"--conditions: unknown condition {entry!r}; use {', '.join(BUILT_IN)} or NAME=HF_FOLDER"
+                )
+            sub = {"sft": "reference", "ditto": "final"}.get(name)
+            folder = str(run / sub) if sub else base
+            if sub and not (run / sub).is_dir():
+                raise FileNotFoundError(
+                    f"--run {run} has no {sub}/ for the {name} condition: the run has not finished; finish it with "
+                    f"`openrlhf-ditto train ... --resume`, or leave {name} out of --conditions"
+                )
+        elif not re.fullmatch(r"[\w.-]+", name) or not Path(folder).is_dir():
+            raise ValueError(f"--conditions: {entry!r} is not NAME=HF_FOLDER (a name of letters, digits, . _ -)")
+        if name in models:
+            raise ValueError(f"--conditions: {name} is given twice")
+        models[name] = folder
+    if len(models) < 2:
+        raise ValueError(f"--conditions: {' '.join(entries)} is one condition; give at least two to compare")
+    return models
+
+
+def _conversation(record: dict, input_key: str, output_key: str) -> tuple[str | list[dict], str]:
+    """A record's prompt (text, or chat messages) and response, as `load_demos` reads them (it checked them)."""
+    if "messages" in record and input_key not in record:
+        messages = record["messages"]
+        last = max(j for j, m in enumerate(messages) if m.get("role") == "assistant")
+        return messages[:last], messages[last]["content"]
+    return record[input_key], record[output_key]
+
+
+def few_shot_prompt(
+    tokenizer, shots: list[tuple], prompt: str | list[dict], chat: bool, input_template: str | None
+) -> str:
+    """The prompt after the demos: as earlier turns of the chat, or each demo rendered, then its response."""
+    if chat:
+        messages = []
+        for p, response in [*shots, (prompt, None)]:
+            messages += p if isinstance(p, list) else [{"role": "user", "content": p}]
+            messages += [{"role": "assistant", "content": response}] if response is not None else []
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    render = (input_template or "{}").format
+    return "".join(f"{render(p)}{response}\n\n" for p, response in shots) + render(prompt)
+
+
+def _render(args: SimpleNamespace, config: dict, name: str, folder: str) -> tuple[list[str], list[str]]:
+    """The held-out prompts as condition `name` sees them (rendered with its own tokenizer), and the user's
+    held-out responses."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--conditions: cannot load {name}'s tokenizer from {folder} ({e})") from e
+    d = args.data
+    rendering = dict(
+        input_template=d.input_template,
+        apply_chat_template=d.apply_chat_template,
+        prompt_max_len=config["data"]["max_len"] - args.rollout.max_new_tokens,
+        generate_max_len=args.rollout.max_new_tokens,
+    )
+    held_out = load_demos(d.dataset, tokenizer, input_key=d.input_key, output_key=d.output_key, **rendering)
+    if name != "few-shot":
+        return [h.prompt for h in held_out], [h.response for h in held_out]
+    # the run's own demos, read with the run's keys; shown to the model as the held-out prompts are rendered
+    run = config["data"]
+    load_demos(run["dataset"], tokenizer, input_key=run["input_key"], output_key=run["output_key"], **rendering)
+    shots = [_conversation(r, run["input_key"], run["output_key"]) for r in read_records(run["dataset"])]
+    shots = shots[: args.few_shot.k]
+    prompts = []
+    for record in read_records(d.dataset):
+        prompt, _ = _conversation(record, d.input_key, d.output_key)
+        chat = d.apply_chat_template or isinstance(prompt, list)
+        prompts.append(few_shot_prompt(tokenizer, shots, prompt, chat, d.input_template))
+    return prompts, [h.response for h in held_out]
+
+
+def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int) -> list[dict]:
+    """N sampled responses per prompt (decoded, special tokens dropped), with whether each was cut at the budget."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+        ).to(device)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--conditions: cannot load the model {folder} ({e})") from e
+    eos = eos_token_ids(folder, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    torch.manual_seed(sampling["seed"])  # each condition samples the same whichever others run with it
+    groups = []
+    for start in range(0, len(ids), batch_size):
+        groups += sample_responses(
+            model,
+            ids[start : start + batch_size],
+            sampling["n"],
+            pad,
+            eos,
+            sampling["max_new_tokens"],
+            sampling["temperature"],
+            sampling["top_p"],
+        )
+    del model
+    gc.collect()
+    return [
+        {
+            "samples": [tokenizer.decode(r, skip_special_tokens=True).strip() for r in group],
+            "truncated": [not r or r[-1] not in eos for r in group],
+        }
+        for group in groups
+    ]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The lines of a JSONL file we wrote; a line cut by a kill (the last one) is dropped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def _interval(per_prompt: list[list[float]], draws: int = 2000) -> tuple[float, float, float, int] | None:
+    """Mean score, its 95% bootstrap interval (resampling prompts with their comparisons), and the count."""
+    groups = [g for g in per_prompt if g]
+    if not groups:
+        return None
+    sums, counts = np.array([sum(g) for g in groups]), np.array([len(g) for g in groups])
+    picks = np.random.default_rng(0).integers(len(groups), size=(draws, len(groups)))
+    low, high = np.percentile(sums[picks].sum(1) / counts[picks].sum(1), [2.5, 97.5])
+    return float(sums.sum() / counts.sum()), float(low), float(high), int(counts.sum())
+
+
+def _judge_settings(args: SimpleNamespace) -> tuple[str, str | None]:
+    """The judge's identity in the cache, and the OpenAI API key (None for the local judge)."""
+    j = args.judge
+    for flag, value, low in [
+        ("--judge.concurrency", j.concurrency, 1),
+        ("--judge.batch_size", j.batch_size, 1),
+        ("--judge.retries", j.retries, 0),
+        ("--judge.timeout", j.timeout, 1e-3),
+    ]:
+        if value < low:
+            raise ValueError(f"{flag} is {value}; it must be >= {low:g}")
+    if j.kind == "local":
+        if j.model is None or not Path(j.model).is_dir():
+            raise FileNotFoundError(
+                f"--judge local needs --judge.model: a local Hugging Face chat model folder (got {j.model})"
+            )
+        return f"local {Path(j.model).resolve()}", None
+    j.model, j.url = j.model or "gpt-4o", (j.url or OPENAI_URL).rstrip("/")
+    key = os.environ.get("OPENAI_API_KEY")
+    if j.url == OPENAI_URL and not key:
+        raise ValueError(
+            f"--judge openai at {OPENAI_URL} needs OPENAI_API_KEY in the environment; or give --judge.url of another "
+            "OpenAI-compatible server, or --judge local --judge.model HF_FOLDER"
+        )
+    return f"openai {j.url} {j.model}", key
+
+
+def evaluate(args: SimpleNamespace) -> Path:
+    """Run `openrlhf-ditto eval` (flags as parsed by cli/main.py); returns the report's path."""
+    run = Path(args.run)
+    if not (run / "run_config.json").exists():
+        raise FileNotFoundError(
+            f"--run {run} holds no DITTO run (no run_config.json); give the --ckpt.output_dir of "
+            "`openrlhf-ditto train`"
+        )
+    config = json.loads((run / "run_config.json").read_text())
+    for key in ("input_key", "output_key", "input_template", "apply_chat_template"):  # default: the run's rendering
+        if getattr(args.data, key) is None:
+            setattr(args.data, key, config["data"][key])
+    r = args.rollout
+    r.max_new_tokens = r.max_new_tokens or config["rollout"]["max_new_tokens"]
+    for flag, value in [
+        ("--rollout.n_samples_per_prompt", r.n_samples_per_prompt),
+        ("--rollout.max_new_tokens", r.max_new_tokens),
+        ("--rollout.batch_size", r.batch_size),
+        ("--few_shot.k", 1 if args.few_shot.k is None else args.few_shot.k),
+    ]:
+        if value < 1:
+            raise ValueError(f"{flag} is {value}; it must be >= 1")
+    judge_id, api_key = _judge_settings(args)
+    models = conditions(args.conditions, run, config["actor"]["model_name_or_path"])
+    # every prompt rendered and checked before any model is loaded: a bad file stops the eval at once
+    rendered = {name: _render(args, config, name, folder) for name, folder in models.items()}
+    out = Path(args.output_dir or run / "eval")
+    (out / "generations").mkdir(parents=True, exist_ok=True)
+
+    sampling = dict(
+        n=r.n_samples_per_prompt,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        seed=args.seed,
+    )
+    started = time.perf_counter()
+    generations = _generations(out / "generations", models, rendered, sampling, r.batch_size)
+    generation_s = time.perf_counter() - started
+
+    # every pair of conditions on every prompt, sample i against sample i, in both orders
+    references = next(iter(rendered.values()))[1]
+    requests, slots = {}, []
+    for a, b in itertools.combinations(models, 2):
+        for p, i in itertools.product(range(len(references)), range(r.n_samples_per_prompt)):
+            keys = []
+            for first, second in ((a, b), (b, a)):
+                judgment = (references[p], generations[first][p]["samples"][i], generations[second][p]["samples"][i])
+                key = hashlib.sha256(json.dumps([judge_id, *judgment]).encode()).hexdigest()
+                requests.setdefault(key, (judgment, {"prompt": p, "sample": i, "A": first, "B": second}))
+                keys.append(key)
+            slots.append((a, b, p, *keys))
+    started = time.perf_counter()
+    answers, asked = _judge(args, out / "judgments.jsonl", judge_id, api_key, requests)
+    judging_s = time.perf_counter() - started
+
+    names, P = list(models), len(references)
+    scores = {(a, b): [[] for _ in range(P)] for a, b in itertools.permutations(names, 2)}
+    left_out = 0
+    for a, b, p, first, second in slots:
+        x, y = answers[first], answers[second]
+        if x["status"] == y["status"] == "ok":
+            score = ((x["answer"] == "A") + (y["answer"] == "B")) / 2
+            scores[a, b][p].append(score)
+            scores[b, a][p].append(1 - score)
+        else:
+            left_out += 1
+    matrix = {a: {b: _interval(scores[a, b]) if a != b else None for b in names} for a in names}
+    results = {
+        "run": str(run),
+        "held_out": str(args.data.dataset),
+        "judge": judge_id,
+        "conditions": models,
+        "sampling": sampling,
+        "matrix": matrix,
+        "mean": {a: _mean([m[0] for m in matrix[a].values() if m]) for a in names},
+        "per_prompt": [
+            {c: _mean(sum((scores[c, o][p] for o in names if o != c), [])) for c in names} for p in range(P)
+        ],
+        "truncated": {c: _mean([t for g in generations[c] for t in g["truncated"]]) for c in names},
+        "judgments": {"total": len(requests), "asked_now": asked, **Counter(answers[k]["status"] for k in requests)},
+        "comparisons": {"total": len(slots), "left_out": left_out},
+        "seconds": {"generation": generation_s, "judging": judging_s},
+    }
+    questions = []  # for the per-prompt table: the prompt's text, or its chat's last message
+    for record in read_records(args.data.dataset):
+        prompt, _ = _conversation(record, args.data.input_key, args.data.output_key)
+        questions.append(prompt if isinstance(prompt, str) else prompt[-1]["content"])
+    errors = [answers[k].get("error") or answers[k].get("raw") for k in requests if answers[k]["status"] != "ok"]
+    (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    _heatmap(names, matrix, out / "heatmap.png")
+    report = _report(results, questions, errors)
+    (out / "report.md").write_text(report)
+    print(report.split("\n## Per prompt")[0])
+    return out / "report.md"
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _generations(
+    folder: Path, models: dict[str, str], rendered: dict, sampling: dict, batch_size: int
+) -> dict[str, list[dict]]:
+    """Each condition's saved generations, sampling those whose model, prompts or settings changed."""
+    generations, stale = {}, []
+    for name, model in models.items():
+        saved = _read_jsonl(folder / f"{name}.jsonl")
+        if [(g["model"], g["prompt"], g["sampling"]) for g in saved] == [
+            (model, p, sampling) for p in rendered[name][0]
+        ]:
+            generations[name] = saved
+        else:
+            stale.append(name)
+    for name in tqdm(stale, desc="generating"):
+        rows = [
+            {"index": i, "model": models[name], "prompt": p, "sampling": sampling, "reference": ref, **row}
+            for i, (p, ref, row) in enumerate(
+                zip(*rendered[name], _generate(models[name], rendered[name][0], sampling, batch_size))
+            )
+        ]
+        tmp = folder / f".{name}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        os.replace(tmp, folder / f"{name}.jsonl")
+        generations[name] = rows
+    return generations
+
+
+def _judge(
+    args: SimpleNamespace, cache_file: Path, judge_id: str, api_key: str | None, requests: dict
+) -> tuple[dict[str, dict], int]:
+    """Every request's judgment: from the cache, or asked now and appended to it as it arrives. Returns them by
+    key, and how many were asked now."""
+    answers = {row["key"]: row for row in _read_jsonl(cache_file) if row["status"] != "failed"}
+    todo = [key for key in requests if key not in answers]
+    judgments = [requests[key][0] for key in todo]
+    j = args.judge
+    with open(cache_file, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"judging ({j.kind})") as bar:
+
+        def on_result(i: int, result: dict) -> None:
+            row = {"key": todo[i], "judge": judge_id, **requests[todo[i]][1], **result}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()  # a killed eval keeps every judgment it received
+            answers[todo[i]] = row
+            bar.update()
+
+        if j.kind == "openai":
+            asyncio.run(
+                judge_openai(judgments, on_result, j.url, j.model, api_key, j.concurrency, j.timeout, j.retries)
+            )
+        elif judgments:
+            judge_local(judgments, on_result, j.model, j.batch_size)
+    return answers, len(todo)
+
+
+def _pct(cell) -> str:
+    return "n/a" if cell is None else f"{100 * cell[0]:.1f}% [{100 * cell[1]:.0f}, {100 * cell[2]:.0f}]"
+
+
+def _report(results: dict, questions: list[str], errors: list[str]) -> str:
+    sampling = results["sampling"]
+    names, matrix, j, c = list(results["conditions"]), results["matrix"], results["judgments"], results["comparisons"]
+    lines = [
+        "# DITTO eval",
+        "",
+        f"Run `{results['run']}`, held-out prompts `{results['held_out']}` ({len(questions)}), {sampling['n']} "
+        f"samples per prompt and condition (temperature {sampling['temperature']}, up to "
+        f"{sampling['max_new_tokens']} tokens, seed {sampling['seed']}), judge `{results['judge']}`. Each "
+        "comparison is judged in both orders; win rates count a split as half; [95% interval], a bootstrap over "
+        "prompts.",
+        "",
+    ]
+    if "ditto" in names:
+        lines += ["| DITTO vs | DITTO wins | comparisons |", "| --- | --- | --- |"]
+        lines += [
+            f"| {b} | {_pct(matrix['ditto'][b])} | {matrix['ditto'][b][3] if matrix['ditto'][b] else 0} |"
+            for b in names
+            if b != "ditto"
+        ]
+        lines.append("")
+    lines += [
+        "Win rate of the row over the column (mean: the row's average over the others):",
+        "",
+        "| | " + " | ".join(names) + " | mean |",
+    ]
+    lines.append("| --- " * (len(names) + 2) + "|")
+    for a in names:
+        mean = results["mean"][a]
+        cells = ["—" if a == b else _pct(matrix[a][b]) for b in names]
+        lines.append(f"| **{a}** | " + " | ".join(cells) + f" | {'n/a' if mean is None else f'{100 * mean:.1f}%'} |")
+    lines += [
+        "",
+        f"Judgments: {j['total']} ({j['total'] - j['asked_now']} from the cache, {j['asked_now']} asked now): "
+        f"{j.get('ok', 0)} answered, {j.get('unparsable', 0)} unparsable, {j.get('failed', 0)} failed (asked again by "
+        f"the next run). Comparisons: {c['total']}, {c['left_out']} left out because an order has no answer.",
+    ]
+    if errors:
+        lines.append(f"The first judgment without an answer: {errors[0][:300]!r}")
+    cut = ", ".join(f"{name} {100 * share:.0f}%" for name, share in results["truncated"].items())
+    seconds = results["seconds"]
+    lines += [
+        f"Samples cut at {sampling['max_new_tokens']} tokens: {cut}. This run: generation "
+        f"{seconds['generation']:.0f} s, judging {seconds['judging']:.0f} s.",
+        "",
+        "![win rates](heatmap.png)",
+        "",
+        "## Per prompt",
+        "",
+        "Each condition's win rate over all the others on that prompt.",
+        "",
+        "| prompt | " + " | ".join(names) + " |",
+        "| --- " * (len(names) + 1) + "|",
+    ]
+    for question, row in zip(questions, results["per_prompt"]):
+        cells = ["n/a" if row[n] is None else f"{100 * row[n]:.0f}%" for n in names]
+        lines.append(f"| {question[:80].replace('|', '/')} | " + " | ".join(cells) + " |")
+    lines += ["", "Generations: `generations/<condition>.jsonl`; every judgment: `judgments.jsonl`.", ""]
+    return "\n".join(lines)
+
+
+def _heatmap(names: list[str], matrix: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.array([[np.nan if matrix[a][b] is None else matrix[a][b][0] for b in names] for a in names])
+    fig, ax = plt.subplots(figsize=(2 + 1.1 * len(names), 1.5 + 0.9 * len(names)))
+    image = ax.imshow(values, cmap="RdBu", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for (i, k), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            ax.text(k, i, f"{100 * v:.0f}%", ha="center", va="center")
+    ax.set_title("win rate of the row over the column")
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
