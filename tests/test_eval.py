@@ -316,3 +316,20 @@ def test_eval_help_prints_no_third_party_warning():
         timeout=120,
     )
     assert done.returncode == 0 and done.stdout.startswith("usage: openrlhf-ditto eval") and done.stderr == ""
+
+
+def test_local_judge_reads_the_same_probabilities_in_any_batch(tiny_model_path):
+    """Left padding changes nothing: each judgment's p(A) and p(B) are those of its own forward pass alone."""
+    from openrlhf_ditto.judges import judge_local
+
+    judgments = [
+        ("Simple is better.", "Flat is better than nested." * k, "Now is better than never.") for k in (1, 3, 6)
+    ]
+    alone, batched = {}, {}
+    judge_local(judgments, lambda i, r: alone.__setitem__(i, r), tiny_model_path, batch_size=1)
+    judge_local(judgments, lambda i, r: batched.__setitem__(i, r), tiny_model_path, batch_size=3)
+    for i in range(3):
+        assert batched[i]["p_a"] == pytest.approx(alone[i]["p_a"], rel=1e-4)
+        assert batched[i]["p_b"] == pytest.approx(alone[i]["p_b"], rel=1e-4)
+        assert alone[i]["answer"] == ("A" if alone[i]["p_a"] >= alone[i]["p_b"] else "B")
+    assert len({round(alone[i]["p_a"], 6) for i in range(3)}) == 3  # the judgments differ, so do their readings
