@@ -11,8 +11,8 @@ import torch
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate, collate_pairs
 from openrlhf_ditto.store import Response, SampleStore
 
-# a batch of sequences -> per-row sum of the reference's log-probs over the response tokens
-RefLogpFn = Callable[[SequenceBatch], torch.Tensor]
+# micro-batches of sequences -> per-row sums of the reference's log-probs over the response tokens, all rows in order
+RefLogpFn = Callable[[list[SequenceBatch]], torch.Tensor]
 
 
 class DittoExperienceMaker:
@@ -33,14 +33,16 @@ class DittoExperienceMaker:
         self.micro_batch_size = micro_batch_size
 
     def _score(self, responses: list[Response]) -> None:
-        """Fill in reference log-probs, once per response, a micro-batch at a time (longest first, so each
-        micro-batch pads little)."""
+        """Fill in reference log-probs, once per response: micro-batches (longest first, so each pads little), all
+        handed to the reference in one call, which a distributed reference spreads over its ranks."""
         order = sorted(responses, key=lambda r: len(r.ids) + len(self.store.prompt_of(r)), reverse=True)
-        for i in range(0, len(order), self.micro_batch_size):
-            chunk = order[i : i + self.micro_batch_size]
-            batch = collate([self.store.prompt_of(r) for r in chunk], [r.ids for r in chunk], self.pad_token_id)
-            for r, logp in zip(chunk, self.ref_logps_fn(batch).tolist()):
-                r.ref_logp = logp
+        if not order:
+            return
+        chunks = [order[i : i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
+        pad = self.pad_token_id
+        batches = [collate([self.store.prompt_of(r) for r in c], [r.ids for r in c], pad) for c in chunks]
+        for r, logp in zip(order, self.ref_logps_fn(batches).tolist(), strict=True):
+            r.ref_logp = logp
 
     def score_inputs(self) -> None:
         """Reference log-probs of the demos and the external pairs (once per run; a resumed store has them)."""

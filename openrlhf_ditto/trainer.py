@@ -47,8 +47,9 @@ class Backend(Protocol):
     def generate(self, prompts: list[torch.Tensor], n: int) -> list[list[list[int]]]:
         """n sampled responses (token ids, EOS included when reached) for each prompt, from the current policy."""
 
-    def reference_logps(self, batch: SequenceBatch) -> torch.Tensor:
-        """Per-row sum of the frozen reference's log-probs over the response tokens."""
+    def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
+        """Per-row sums of the frozen reference's log-probs over the response tokens, for all rows of the
+        micro-batches in order (one call per scoring, so a distributed reference can run them in parallel)."""
 
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         """One optimiser step of DittoActorLoss on the batch (in micro-batches, `PairBatch.split`, accumulating

@@ -5,7 +5,7 @@
 # DRY_RUN=1 skips stage 1 and only checks stage 2; extra arguments go to the DITTO command.
 set -euo pipefail
 
-MODEL=${MODEL:-Qwen/Qwen2.5-1.5B-Instruct}  # a model that fits three times on one 24-80 GB GPU
+MODEL=${MODEL:-Qwen/Qwen2.5-1.5B-Instruct}  # fits three times on one 24-80 GB GPU (a folder, or a Hub id)
 DEMOS=${DEMOS:-demos.jsonl}  # fewer than 10 demos, one {"prompt", "response"} JSON object a line
 RUN=${RUN:-runs/ditto_1gpu}
 PYTHON=${PYTHON:-python}

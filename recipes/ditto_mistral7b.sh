@@ -4,10 +4,11 @@
 #   stage 2: DITTO from pi_0 with the frozen reference and vLLM rollouts (openrlhf_ditto.cli.train_ditto_ray)
 # Override any variable from the environment; extra arguments go to the DITTO command, e.g.
 #   MODEL=/models/Mistral-7B-Instruct-v0.2 DEMOS=author_demos.jsonl bash recipes/ditto_mistral7b.sh --logger.wandb.key KEY
-# DRY_RUN=1 skips stage 1 and only checks stage 2 (--dry_run: flags, model folder, demos, resource plan).
+# DRY_RUN=1 skips stage 1 and only checks stage 2 (--dry_run: flags, model, demos, resource plan; a Hub MODEL
+# needs only its config and tokenizer files for that).
 set -euo pipefail
 
-MODEL=${MODEL:-mistralai/Mistral-7B-Instruct-v0.2}  # paper: Mistral 7B Instruct v0.2
+MODEL=${MODEL:-mistralai/Mistral-7B-Instruct-v0.2}  # paper: Mistral 7B Instruct v0.2 (a folder, or a Hub id)
 DEMOS=${DEMOS:-demos.jsonl}  # paper: fewer than 10 demos per author, one {"prompt", "response"} JSON object a line
 RUN=${RUN:-runs/ditto_mistral7b}  # SFT adapter, pi_0 and the DITTO run folder go here
 ACTOR_GPUS=${ACTOR_GPUS:-4}  # policy ranks, each with a reference rank beside it (colocated)

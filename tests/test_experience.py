@@ -24,12 +24,12 @@ class CountingReference:
         self.rows = 0
         self.batches: list[SequenceBatch] = []
 
-    def __call__(self, batch: SequenceBatch) -> torch.Tensor:
+    def __call__(self, batches: list[SequenceBatch]) -> torch.Tensor:
         self.calls += 1
-        self.rows += batch.sequences.shape[0]
-        self.batches.append(batch)
+        self.rows += sum(b.sequences.shape[0] for b in batches)
+        self.batches += batches
         with torch.no_grad():
-            return sequence_logps(self.model, batch)
+            return torch.cat([sequence_logps(self.model, b) for b in batches])
 
 
 def one_logp(model, prompt, response) -> float:
@@ -72,12 +72,12 @@ def test_score_inputs_scores_each_demo_once(model, setup):
     assert all(math.isnan(d.ref_logp) for d in store.demos)
     maker.score_inputs()
     assert ref.rows == len(store.demos) == 4
-    assert ref.calls == math.ceil(4 / 3)
-    assert all(b.sequences.shape[0] <= 3 for b in ref.batches)
+    assert ref.calls == 1, "one call hands the reference every micro-batch of the scoring"
+    assert [b.sequences.shape[0] for b in ref.batches] == [3, 1]
     for d in store.demos:
         assert d.ref_logp == pytest.approx(one_logp(model, store.prompts[d.prompt], d.ids), abs=1e-5)
-    maker.score_inputs()  # a resumed store's demos are scored already
-    assert ref.rows == 4 and ref.calls == 2
+    maker.score_inputs()  # a resumed store's demos are scored already: no call at all
+    assert ref.rows == 4 and ref.calls == 1
 
 
 def test_make_experience_scores_each_sample_once_and_flags_truncation(model, setup):
@@ -88,7 +88,7 @@ def test_make_experience_scores_each_sample_once_and_flags_truncation(model, set
     stats = maker.make_experience(batch)
     n = 3 * 4
     assert ref.rows - rows == n
-    assert ref.calls - calls == math.ceil(n / 3)
+    assert ref.calls - calls == 1 and len(ref.batches) == math.ceil(4 / 3) + math.ceil(n / 3)
     store = maker.store
     assert store.num_iterations == 1
     for p, group in enumerate(batch):

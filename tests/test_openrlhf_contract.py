@@ -68,7 +68,7 @@ def test_policy_actor():
 
 
 def test_ppo_trainer_sync_channel():
-    """DittoPolicyActor.broadcast_to_vllm (LoRA) sends merged weights over the channel ActorPPOTrainer sets up."""
+    """DittoPolicyActor.broadcast_to_vllm sends `weights_for_sync` over the channel ActorPPOTrainer sets up."""
     init = inspect.getsource(ActorPPOTrainer.__init__) + inspect.getsource(ActorPPOTrainer._init_vllm_sync_group)
     for attr in ("self.use_cuda_ipc =", "self._model_update_group ="):
         assert attr in init, f"ActorPPOTrainer no longer sets {attr.split()[0]} (DittoPolicyActor.broadcast_to_vllm)"
@@ -77,9 +77,9 @@ def test_ppo_trainer_sync_channel():
         ENGINE.update_weight_cuda_ipc, ["name", "dtype", "shape", "ipc_handles"], "DittoPolicyActor.broadcast_to_vllm"
     )
     check(ENGINE.reset_prefix_cache, [], "DittoPolicyActor.broadcast_to_vllm")
+    check(BaseModelActor.empty_cache, [], "OpenRLHFBackend.reference_logps (async_run_method('empty_cache'))")
     assert '"dtype": "bfloat16"' in inspect.getsource(create_vllm_engines), (
-        "create_vllm_engines no longer starts engines in bfloat16: update VLLM_DTYPE, the dtype LoRA weights are "
-        "merged into for the sync"
+        "create_vllm_engines no longer starts engines in bfloat16: update VLLM_DTYPE, the dtype weights_for_sync sends"
     )
 
 
@@ -112,8 +112,10 @@ def test_vllm_engines():
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    p = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_tokens=8, output_kind=RequestOutputKind.FINAL_ONLY)
-    assert (p.n, p.max_tokens, p.output_kind) == (3, 8, RequestOutputKind.FINAL_ONLY)
+    p = SamplingParams(
+        n=3, temperature=0.7, top_p=0.9, max_tokens=8, output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False
+    )
+    assert (p.n, p.max_tokens, p.output_kind, p.detokenize) == (3, 8, RequestOutputKind.FINAL_ONLY, False)
 
 
 def test_actor_forward_and_strategy():
@@ -122,8 +124,11 @@ def test_actor_forward_and_strategy():
     check(DeepspeedStrategy.backward, ["loss", "model", "_optimizer"], "DittoPolicyActor.ditto_train_step")
     check(DeepspeedStrategy.optimizer_step, ["_optimizer", "model", "_scheduler", "name"], "ditto_train_step")
     check(DeepspeedStrategy.get_grad_norm, ["model"], "ditto_train_step")
-    check(DeepspeedStrategy.save_ckpt, ["model", "save_dir", "tag"], "DittoPolicyActor.save_ditto_checkpoint")
-    check(DeepspeedStrategy.load_ckpt, ["model", "load_dir", "tag"], "DittoPolicyActor.load_ditto_checkpoint")
+    from deepspeed import DeepSpeedEngine
+
+    save = inspect.signature(DeepSpeedEngine.save_checkpoint).parameters
+    assert "exclude_frozen_parameters" in save, "DittoPolicyActor.save_ditto_checkpoint saves LoRA runs without pi_0"
+    check(DeepSpeedEngine.load_checkpoint, ["load_dir", "tag", "load_module_strict"], "load_ditto_checkpoint")
     check(DeepspeedStrategy.save_model, ["model", "tokenizer", "output_dir"], "DittoPolicyActor.save_hf_model")
     assert "self.accumulated_gradient =" in inspect.getsource(DeepspeedStrategy.setup_distributed), (
         "DeepspeedStrategy.setup_distributed no longer sets accumulated_gradient (ditto_train_step's loss scale)"
@@ -154,13 +159,12 @@ def test_every_setting_openrlhf_reads_is_given(tmp_path):
         POLICY.reload_states,
         ActorPPOTrainer.__init__,
         ActorPPOTrainer._init_vllm_sync_group,
-        ActorPPOTrainer.broadcast_to_vllm,
         REFERENCE.init_model_from_pretrained,
         REFERENCE.forward,
         get_strategy,
         *(getattr(DeepspeedStrategy, n) for n in ("__init__", "setup_distributed", "_ds_init_train_model")),
         *(getattr(DeepspeedStrategy, n) for n in ("get_ds_train_config", "_ds_init_eval_model", "get_ds_eval_config")),
-        *(getattr(DeepspeedStrategy, n) for n in ("save_model", "save_ckpt", "load_ckpt", "_get_model_parameters")),
+        *(getattr(DeepspeedStrategy, n) for n in ("save_model", "_get_model_parameters")),
     ]
     missing = set()
     for fn in code:

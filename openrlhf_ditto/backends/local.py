@@ -110,13 +110,17 @@ class LocalBackend:
         )
 
     @torch.no_grad()
-    def reference_logps(self, batch: SequenceBatch) -> torch.Tensor:
-        batch = batch.to(self.device)
-        if self.lora:
-            self.model.eval()
-            with self.model.disable_adapter():
-                return sequence_logps(self.model, batch).float().cpu()
-        return sequence_logps(self.reference, batch).float().cpu()
+    def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
+        self.model.eval()
+        out = []
+        for batch in batches:
+            batch = batch.to(self.device)
+            if self.lora:
+                with self.model.disable_adapter():
+                    out.append(sequence_logps(self.model, batch).float().cpu())
+            else:
+                out.append(sequence_logps(self.reference, batch).float().cpu())
+        return torch.cat(out)
 
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         start = time.perf_counter()

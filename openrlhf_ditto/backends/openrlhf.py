@@ -4,7 +4,7 @@
     OpenRLHFBackend.generate         --wake-->      vLLM engines (create_vllm_engines; sleep mode)
                                      --sync-->      DittoPolicyActor.broadcast_to_vllm (LoRA: merged weights)
                                      --n=M-->       vLLM engines: token ids
-    OpenRLHFBackend.reference_logps  --rows-->      ReferenceModelActor.forward, rows split across its ranks
+    OpenRLHFBackend.reference_logps  --batches-->   ReferenceModelActor.forward, micro-batches dealt over its ranks
     OpenRLHFBackend.train_step       --pairs-->     DittoPolicyActor.ditto_train_step, pairs split across DP ranks
 
 This is the only module of the package that imports openrlhf, ray, deepspeed or vllm. The algorithm (controller
@@ -14,7 +14,6 @@ DITTO's SFT warm start is not run here: recipes/ditto_mistral7b.sh runs it with 
 
 import contextlib
 import copy
-import math
 import os
 import shutil
 import time
@@ -89,10 +88,12 @@ def openrlhf_args(args: SimpleNamespace) -> SimpleNamespace:
     return out
 
 
-def merge_lora_for_sync(model: torch.nn.Module, dtype: torch.dtype, gather=None):
-    """Yield (name, tensor) for every weight of the base model, with each LoRA layer merged: W + scale * B @ A
-    (scale = alpha / r, peft's `scaling`), computed in fp32 and cast to `dtype`.
+def weights_for_sync(model: torch.nn.Module, dtype: torch.dtype, gather=None):
+    """Yield (name, tensor in `dtype`) for the weights the vLLM engines must receive after a training step.
 
+    LoRA: only the adapted layers' weights, merged as W + scale * B @ A (scale = alpha / r, peft's `scaling`) in
+    fp32; every other weight is pi_0's, which the engines loaded at start. Full-parameter training: every weight,
+    cast to the engines' dtype (vLLM asserts the dtype it receives, and a fp16 policy would not match).
     Names are the base model's own (no `base_model.model.` prefix, no `.base_layer`), the names vLLM's
     `load_weights` and a Hugging Face checkpoint use: OpenRLHF's own LoRA sync sends peft's names and dtypes, which
     vLLM rejects (OpenRLHF issues #1348, #1349). `gather(params)` is a context manager that makes the parameters
@@ -102,15 +103,15 @@ def merge_lora_for_sync(model: torch.nn.Module, dtype: torch.dtype, gather=None)
 
     gather = gather or (lambda params: contextlib.nullcontext())
     modules = dict(model.named_modules())
+    lora = any(isinstance(m, LoraLayer) for m in modules.values())
     for name, param in model.named_parameters():
-        if ".lora_" in name:
-            continue
-        sync_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
         owner, _, leaf = name.rpartition(".")
         layer = modules.get(owner.removesuffix(".base_layer"))
         adapters = []
         if isinstance(layer, LoraLayer) and owner.endswith(".base_layer") and leaf == "weight":
             adapters = [a for a in layer.active_adapters if a in layer.lora_A and not layer.merged]
+        if lora and not adapters:
+            continue
         params = [param] + [p for a in adapters for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
         with gather(params):
             weight = param.data
@@ -119,7 +120,7 @@ def merge_lora_for_sync(model: torch.nn.Module, dtype: torch.dtype, gather=None)
                 for a in adapters:
                     delta = layer.lora_B[a].weight.float() @ layer.lora_A[a].weight.float()
                     weight = weight + (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[a]
-            yield sync_name, weight.to(dtype)
+            yield name.removeprefix("base_model.model.").replace(".base_layer.", "."), weight.to(dtype)
 
 
 @ray.remote(num_gpus=1)
@@ -162,23 +163,21 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
         }
 
     def broadcast_to_vllm(self):
-        """Full-parameter training: OpenRLHF's own sync. LoRA: the merged weights under the base model's names, in
-        the engines' dtype, over the same channel (NCCL/Ray collective broadcast, or CUDA IPC when colocated)."""
-        args = self.strategy.args
-        if args.ds.lora.rank == 0:
-            return super().broadcast_to_vllm()
+        """`weights_for_sync` (LoRA: the adapted layers merged; else every weight) in the engines' dtype, under the
+        base model's names, over OpenRLHF's channel (NCCL / Ray collective broadcast, or CUDA IPC when colocated)."""
         import deepspeed
         from openrlhf.trainer.ray.utils import get_physical_gpu_id
         from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
         from torch.multiprocessing.reductions import reduce_tensor
 
+        args = self.strategy.args
         trainer = self.trainer
         rank0 = torch.distributed.get_rank() == 0
         if rank0 and args.vllm.enable_prefix_caching:  # cached KV of the old weights would be reused
             ray.get([engine.reset_prefix_cache.remote() for engine in self.vllm_engines])
         torch.cuda.empty_cache()
         zero3 = args.ds.zero_stage == 3
-        weights = merge_lora_for_sync(
+        weights = weights_for_sync(
             self.actor.model.module,
             VLLM_DTYPE,
             gather=lambda params: deepspeed.zero.GatheredParameters(params, enabled=zero3),
@@ -214,11 +213,18 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
         torch_dist_barrier_and_cuda_sync()
 
     def save_ditto_checkpoint(self, folder: str) -> None:
-        """DeepSpeed's checkpoint (weights or adapter, optimizer, scheduler; sharded per rank) into `folder`."""
-        self.strategy.save_ckpt(self.actor.model, folder)
+        """DeepSpeed's checkpoint (sharded per rank) into `folder`: the trainable weights with their optimizer and
+        scheduler states. With LoRA that is the adapter only: the frozen base is pi_0, already in the run's
+        reference/ folder (a whole Mistral-7B would add 14.5 GB to every checkpoint)."""
+        from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
+
+        lora = self.strategy.args.ds.lora.rank > 0
+        self.actor.model.save_checkpoint(folder, exclude_frozen_parameters=lora)
+        torch_dist_barrier_and_cuda_sync()
 
     def load_ditto_checkpoint(self, folder: str) -> None:
-        path, _ = self.strategy.load_ckpt(self.actor.model, folder)
+        lora = self.strategy.args.ds.lora.rank > 0  # the frozen weights are not in it: they are pi_0's, as loaded
+        path, _ = self.actor.model.load_checkpoint(folder, load_module_strict=not lora)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
 
@@ -290,6 +296,7 @@ class OpenRLHFBackend:
             top_p=r.top_p,
             max_tokens=r.max_new_tokens,
             output_kind=RequestOutputKind.FINAL_ONLY,  # the n samples of a prompt in one output
+            detokenize=False,  # DITTO stores token ids only
         )
         refs = [self.engines[i % len(self.engines)].generate.remote(p.tolist(), params) for i, p in enumerate(prompts)]
         outputs = ray.get(refs)
@@ -297,18 +304,17 @@ class OpenRLHFBackend:
             batch_vllm_engine_call(self.engines, "sleep")
         return [[list(o.token_ids) for o in out.outputs] for out in outputs]
 
-    def reference_logps(self, batch: SequenceBatch) -> torch.Tensor:
-        """Rows split evenly over the reference ranks; the last rows repeat row 0 so every rank runs one forward
-        (ZeRO-3 gathers the weights collectively)."""
-        N = batch.sequences.shape[0]
-        size = math.ceil(N / self.ref_ranks)
-        rows = torch.cat([torch.arange(N), torch.zeros(size * self.ref_ranks - N, dtype=torch.long)])
-        shards = {
-            k: [getattr(batch, k)[rows[i : i + size]] for i in range(0, len(rows), size)]
-            for k in ("sequences", "action_mask", "attention_mask")
-        }
+    def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
+        """All micro-batches of a scoring in one round trip, dealt out evenly over the reference ranks (copies of
+        batch 0 fill the last ranks: under ZeRO-3 every rank must run each forward, which gathers the weights
+        collectively). Then the ranks free their cached GPU memory, as OpenRLHF's experience maker does after each
+        reference forward: the full-vocabulary logits would stay held while the policy trains and vLLM wakes."""
+        padded = batches + batches[:1] * (-len(batches) % self.ref_ranks)
+        shards = {k: [getattr(b, k) for b in padded] for k in ("sequences", "action_mask", "attention_mask")}
         out = ray.get(self.reference.async_run_method_batch("forward", **shards))
-        return torch.cat([result[0] for result in out]).float().sum(-1)[:N]
+        ray.get(self.reference.async_run_method("empty_cache"))
+        logps = [logp for rank in out for logp in rank][: len(batches)]
+        return torch.cat([logp.float().sum(-1) for logp in logps])
 
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         start = time.perf_counter()

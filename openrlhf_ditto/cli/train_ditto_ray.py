@@ -10,6 +10,7 @@ demos, then openrlhf.cli.lora_combiner; see recipes/ditto_mistral7b.sh): --ditto
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
 
@@ -53,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--vllm.sync_backend", type=str, default="nccl", help="DeepSpeed -> vLLM weight sync backend")
     g.add_argument("--vllm.sync_with_ray", action="store_true", default=False)
-    g.add_argument("--vllm.enable_prefix_caching", action="store_true", default=False)
+    g.add_argument(
+        "--vllm.enable_prefix_caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share the prompt's KV cache among its M samples (default: on; OpenRLHF's default is off)",
+    )
     g.add_argument("--vllm.enforce_eager", action="store_true", default=False, help="Disable CUDA graph in vLLM")
     g.add_argument(
         "--vllm.enable_sleep",
@@ -122,6 +128,19 @@ def validate_ray(args) -> None:
                 f"--train.micro_batch_size x {role} GPUs ({args.train.micro_batch_size} x {gpus}): every rank runs "
                 "the same number of micro-batches per step"
             )
+    if args.ds.load_in_4bit:
+        raise SystemExit(
+            "error: --ds.load_in_4bit cannot be used with DITTO: the vLLM engines hold pi_0 in bf16, so a 4-bit "
+            "policy would sample with other weights than it trains, and its packed 4-bit weights cannot be merged "
+            "into them; drop it (LoRA in bf16 is the paper's setting; --ds.zero_stage 3 or --ds.adam_offload save "
+            "memory)"
+        )
+    if r.offload and args.ds.zero_stage != 3:
+        raise SystemExit(
+            f"error: --ref.offload needs --ds.zero_stage 3: DeepSpeed offloads parameters only at ZeRO-3, and below "
+            f"it OpenRLHF runs the reference at stage 0, where the flag does nothing (stage {args.ds.zero_stage} "
+            "given); add --ds.zero_stage 3 or drop --ref.offload"
+        )
     if v.enable_sleep and not args.train.colocate_all:  # as train_ppo_ray does
         print("Set args.vllm.enable_sleep to False when args.train.colocate_all is disabled.")
         v.enable_sleep = False
@@ -156,7 +175,8 @@ def resource_plan(args) -> str:
             "ReferenceModelActor",
             f"{r.num_nodes} node(s) x {r.num_gpus_per_node}",
             span(ref_first, ref_gpus),
-            ("shares the policy's GPUs" if shared else "own GPUs") + (", offloaded" if r.offload else ""),
+            ("shares the policy's GPUs" if shared else "own GPUs")
+            + (", weights offloaded to CPU (ZeRO-3)" if r.offload else ""),
         )
     )
     vllm_first = 0 if t.colocate_all else ref_first + ref_gpus if not shared else actor_gpus
@@ -183,6 +203,58 @@ def resource_plan(args) -> str:
     return "\n".join(lines)
 
 
+def resolve_model(name: str, dry_run: bool) -> Path:
+    """--actor.model_name_or_path as an absolute local folder, checked before Ray, vLLM and DeepSpeed start: a
+    folder as it is; a Hub id from this machine's Hugging Face cache (a dry run may fetch just its config and
+    tokenizer files, which is all it reads)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--actor.model_name_or_path {path} is not a Hugging Face model folder (no config.json)"
+            )
+        return path.resolve()
+    from huggingface_hub import snapshot_download
+
+    get = "fetch it" if dry_run else "find it in this machine's Hugging Face cache"
+    try:
+        files = ["*.json", "*.model", "*.txt", "*.tiktoken"] if dry_run else None
+        folder = Path(snapshot_download(name, allow_patterns=files, local_files_only=not dry_run))
+        if not dry_run and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise FileNotFoundError(f"{folder} has no weights")
+    except Exception as e:  # offline, no such repo, gated, not a repo id, an incomplete download: all mean the same
+        raise FileNotFoundError(
+            f"--actor.model_name_or_path {name} is not a local folder, and could not {get} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Download it first, e.g. `huggingface-cli download "
+            f"{name} --local-dir /shared/models/{name.rpartition('/')[2]}`, and pass that folder (the recipes: "
+            "MODEL=/shared/models/...)"
+        ) from None
+    return folder
+
+
+def resolve_paths(args) -> None:
+    """Make every path absolute on the driver: Ray actors do not share its working directory (those of a cluster
+    started with `ray start` run elsewhere), and they load the model and write checkpoints into the run folder."""
+    args.actor.model_name_or_path = str(resolve_model(args.actor.model_name_or_path, args.dry_run))
+    args.data.dataset = str(Path(args.data.dataset).expanduser().resolve())
+    args.ckpt.output_dir = str(Path(args.ckpt.output_dir).expanduser().resolve())
+    if args.ditto.extra_pairs:
+        args.ditto.extra_pairs = str(Path(args.ditto.extra_pairs).expanduser().resolve())
+    if args.logger.tensorboard_dir:
+        args.logger.tensorboard_dir = str(Path(args.logger.tensorboard_dir).expanduser().resolve())
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem that holds `path` (its longest mount point in /proc/mounts), or "" if unknown."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return ""
+    path = str(path)
+    found = [(len(m), fs) for m, fs in mounts if path == m or path.startswith(m.rstrip("/") + "/")]
+    return max(found)[1] if found else ""
+
+
 def dry_run(args) -> None:
     """Load the tokenizer and the demos as the run would; touch neither Ray nor a GPU."""
     from importlib.metadata import PackageNotFoundError, version
@@ -192,8 +264,6 @@ def dry_run(args) -> None:
     from openrlhf_ditto.trainer import demos_and_store
 
     model = Path(args.actor.model_name_or_path)
-    if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"--actor.model_name_or_path {model} is not a Hugging Face model folder (config.json)")
     store = demos_and_store(args, AutoTokenizer.from_pretrained(model))
     try:
         installed = version("openrlhf")
@@ -203,16 +273,32 @@ def dry_run(args) -> None:
         f"dry run ok: model {model}, {len(store.demos)} demos on {len(store.prompts)} prompts from "
         f"{args.data.dataset}, OpenRLHF {installed} (written for 0.11.2)"
     )
+    if max(args.actor.num_nodes, args.ref.num_nodes) > 1:  # every node's actors read the model, write the run folder
+        for flag, path in (("--actor.model_name_or_path", model), ("--ckpt.output_dir", Path(args.ckpt.output_dir))):
+            fs = filesystem(path)
+            if fs in ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs"):
+                print(
+                    f"warning: {flag} {path} is on a local {fs} filesystem, but the roles span several nodes: put it "
+                    "on a filesystem every node mounts at the same path (NFS, Lustre, ...)",
+                    file=sys.stderr,
+                )
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> SimpleNamespace:
+    """Flags in, a checked namespace with absolute paths out (or SystemExit / FileNotFoundError saying why)."""
     args = hierarchize(build_parser().parse_args(argv))
     validate(args)
     validate_ray(args)
-    print(resource_plan(args))
+    resolve_paths(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
     from openrlhf_ditto.trainer import RunFolderError, train
 
     try:
+        args = parse_args(argv)
+        print(resource_plan(args))
         if args.dry_run:
             dry_run(args)
             return
