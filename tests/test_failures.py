@@ -103,7 +103,7 @@ def test_broken_jsonl_is_one_line_on_the_command_line(tiny_model_path, tmp_path)
 
 # ------------------------------------------------------------------------------ 3. flags named as the CLI does
 
-FOREIGN_FLAGS = {"--no-deps", "--force-reinstall", "--local-dir"}  # pip's in the SmolLM2 hint, huggingface-cli's
+FOREIGN_FLAGS = {"--no-deps", "--force-reinstall", "--local-dir"}  # pip's (SmolLM2 hint), hf's (Hub download hint)
 FLAG = re.compile(r"(?<![\w-])(--[a-z][\w.-]*[a-z0-9_])(\.\*)?(?![\w-]*>)")  # not the arrows of ASCII diagrams
 
 

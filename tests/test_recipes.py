@@ -170,7 +170,7 @@ def test_a_hub_model_that_is_not_here_is_refused_first_saying_what_to_pass(tmp_p
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "resource plan" not in done.stdout
     assert "mistralai/Mistral-7B-Instruct-v0.2 is not a local folder" in done.stderr
-    assert "huggingface-cli download mistralai/Mistral-7B-Instruct-v0.2" in done.stderr and "MODEL=" in done.stderr
+    assert "hf download mistralai/Mistral-7B-Instruct-v0.2" in done.stderr and "MODEL=" in done.stderr
 
 
 def test_a_hub_model_in_the_cache_is_used_from_there(tiny_model_path, tmp_path):

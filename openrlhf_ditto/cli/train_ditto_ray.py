@@ -225,7 +225,7 @@ def resolve_model(name: str, dry_run: bool) -> Path:
     except Exception as e:  # offline, no such repo, gated, not a repo id, an incomplete download: all mean the same
         raise FileNotFoundError(
             f"--actor.model_name_or_path {name} is not a local folder, and could not {get} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Download it first, e.g. `huggingface-cli download "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Download it first, e.g. `hf download "
             f"{name} --local-dir /shared/models/{name.rpartition('/')[2]}`, and pass that folder (the recipes: "
             "MODEL=/shared/models/...)"
         ) from None
