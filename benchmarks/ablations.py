@@ -113,7 +113,7 @@ def main() -> None:
     prompts = len(results["per_prompt"])
     print(f"\nTable 3 in our setting: SmolLM2-135M-Instruct, 6 demos, {prompts} held-out prompts x {samples} samples,")
     print(f"judge {results['judge']}; win rates in % [95% interval, bootstrap over prompts]")
-    print("(ours: the mean of the row over all the others, as the paper's one number per method)\n")
+    print("(ours: each row's mean win rate over all the others, one number per method as in the paper's tables)\n")
     print("| condition | what | ours: mean win rate | ours: DITTO beats it | paper | style markers in samples |")
     print("| --- | --- | ---: | ---: | --- | ---: |")
     for name in order:

@@ -91,9 +91,11 @@ def few_shot_prompt(
     return "".join(f"{render(p)}{response}\n\n" for p, response in shots) + render(prompt)
 
 
-def _render(args: SimpleNamespace, config: dict, name: str, folder: str) -> tuple[list[str], list[str]]:
-    """The held-out prompts as condition `name` sees them (rendered with its own tokenizer), and the user's
-    held-out responses."""
+def _render(
+    args: SimpleNamespace, config: dict, records: list[dict], name: str, folder: str
+) -> tuple[list[str], list[str]]:
+    """The held-out prompts (`records`, read from --data.dataset) as condition `name` sees them, rendered with its
+    own tokenizer, and the user's held-out responses."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
@@ -110,11 +112,11 @@ def _render(args: SimpleNamespace, config: dict, name: str, folder: str) -> tupl
         return [h.prompt for h in held_out], [h.response for h in held_out]
     # the run's own demos, read with the run's keys; shown to the model as the held-out prompts are rendered
     run = config["data"]
+    demos = read_records(run["dataset"], "few-shot: the run's demos (its --data.dataset)")[: args.few_shot.k]
     load_demos(run["dataset"], tokenizer, input_key=run["input_key"], output_key=run["output_key"], **rendering)
-    shots = [_conversation(r, run["input_key"], run["output_key"]) for r in read_records(run["dataset"])]
-    shots = shots[: args.few_shot.k]
+    shots = [_conversation(r, run["input_key"], run["output_key"]) for r in demos]
     prompts = []
-    for record in read_records(d.dataset):
+    for record in records:
         prompt, _ = _conversation(record, d.input_key, d.output_key)
         chat = d.apply_chat_template or isinstance(prompt, list)
         prompts.append(few_shot_prompt(tokenizer, shots, prompt, chat, d.input_template))
@@ -233,7 +235,8 @@ def evaluate(args: SimpleNamespace) -> Path:
     judge_id, api_key = _judge_settings(args)
     models = conditions(args.conditions, run, config["actor"]["model_name_or_path"])
     # every prompt rendered and checked before any model is loaded: a bad file stops the eval at once
-    rendered = {name: _render(args, config, name, folder) for name, folder in models.items()}
+    records = read_records(args.data.dataset, "--data.dataset (held-out)")
+    rendered = {name: _render(args, config, records, name, folder) for name, folder in models.items()}
     out = Path(args.output_dir or run / "eval")
     (out / "generations").mkdir(parents=True, exist_ok=True)
 
@@ -293,7 +296,7 @@ def evaluate(args: SimpleNamespace) -> Path:
         "seconds": {"generation": generation_s, "judging": judging_s},
     }
     questions = []  # for the per-prompt table: the prompt's text, or its chat's last message
-    for record in read_records(args.data.dataset):
+    for record in records:
         prompt, _ = _conversation(record, args.data.input_key, args.data.output_key)
         questions.append(prompt if isinstance(prompt, str) else prompt[-1]["content"])
     errors = [answers[k].get("error") or answers[k].get("raw") for k in requests if answers[k]["status"] != "ok"]

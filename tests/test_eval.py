@@ -284,6 +284,7 @@ def test_bad_input_is_one_line_naming_the_flag(run_dir, held_out, tiny_model_pat
         ([], "--judge openai at https://api.openai.com/v1 needs OPENAI_API_KEY"),
         (["--judge", "local"], "--judge local needs --judge.model"),
         (["--data.input_key", "question", *local], "no key 'question'"),
+        (["--data.dataset", str(tmp_path / "none.jsonl"), *local], f"--data.dataset (held-out): {tmp_path}"),
     ]
     for extra, message in cases:
         argv = ["eval", "--run", str(run_dir), "--data.dataset", str(held_out), "--output_dir", str(tmp_path / "e")]
