@@ -104,7 +104,8 @@ def test_every_eos_of_the_generation_config_ends_a_sample(tiny_model_path, tmp_p
     [[got]] = sample_responses(model, PROMPTS[:1], 1, PAD, eos, 12, top_p=1e-9)
     assert got == free[0][:4]
     store = SampleStore.from_demos([PROMPTS[0].tolist()], [[5, tokenizer.eos_token_id]], [False])
-    maker = DittoExperienceMaker(store, None, lambda batch: torch.zeros(len(batch.sequences)), PAD, eos)
+    no_reference = lambda batches: torch.zeros(sum(len(b.sequences) for b in batches))  # noqa: E731
+    maker = DittoExperienceMaker(store, None, no_reference, PAD, eos)
     stats = maker.make_experience([[got, free[0][:5]]])
     assert [s.truncated for s in store.iterations[0][0]] == [False, True]
     assert stats["samples/truncated_rate"] == 0.5
