@@ -73,7 +73,7 @@ async def judge_openai(
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
         body = {"model": model, "messages": messages(judgments[i]), "temperature": 0, "max_tokens": 100}
-        result, error = None, ""
+        result, error, refused = None, "", False
         async with gate:
             for attempt in range(retries + 1):
                 if attempt:
@@ -89,6 +89,12 @@ async def judge_openai(
                         break
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
                     error = f"{type(e).__name__}: {e}".removesuffix(": ")
+                    refused = isinstance(e, aiohttp.ClientConnectorError)
+        if result is None and refused:  # no server there: every other judgment would wait out its retries too
+            raise ValueError(
+                f"--judge.url {url}: cannot connect ({error}, {attempt + 1} tries); start the judge's server or fix "
+                "--judge.url, then run the same command again: the judgments received so far are kept"
+            )
         on_result(i, result or {"status": "failed", "answer": None, "error": f"{error} ({attempt + 1} tries)"})
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:

@@ -187,6 +187,20 @@ def test_judge_failures_are_reported_never_counted(mode, run_dir, held_out, stan
     assert stand_in.requests == (0 if mode == "unparsable" else tries * r["judgments"]["total"])
 
 
+def test_an_unreachable_judge_stops_the_eval_at_once(run_dir, held_out, tmp_path, capsys):
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    argv = [*eval_argv(run_dir, held_out, tmp_path / "eval", "--conditions", "sft", "ditto")]
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, *openai_judge(url, "--judge.retries", "1")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"error: --judge.url {url}: cannot connect" in err and "2 tries" in err, err
+    assert time.perf_counter() - start < 30, "one judgment's retries, not every judgment's"
+    assert (tmp_path / "eval" / "generations" / "ditto.jsonl").exists()  # kept for the next run
+
+
 def test_killed_eval_resumes_without_asking_twice_and_gives_the_same_table(run_dir, held_out, stand_in, tmp_path):
     out = tmp_path / "eval"
     argv = eval_argv(run_dir, held_out, out, "--conditions", "zero-shot", "sft", "ditto")
