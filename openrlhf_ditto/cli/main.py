@@ -18,6 +18,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{train,quickstart,eval,serve-reward,export-pairs}")
     train = sub.add_parser("train", help="run DITTO on one machine (CPU or one GPU)", description=__doc__)
     add_ditto_args(train)
+    g = train.add_argument_group("rollout engine: what samples from the policy, in this process")
+    g.add_argument(
+        "--rollout.engine",
+        choices=("auto", "torch", "vllm"),
+        default="auto",
+        help="vllm: a vLLM engine beside the policy, loading its weights after each update (as TRL's colocated "
+        "mode); torch: our batched sampler; auto: vllm on a GPU when vLLM is installed, else torch (default: auto)",
+    )
+    g.add_argument(
+        "--vllm.gpu_memory_utilization",
+        type=float,
+        default=None,
+        help="vllm: its share of the GPU's memory, beside the policy's (default: 0.3); on a CPU, the share of RAM "
+        "for its KV cache (default: 0.1)",
+    )
+    g.add_argument(
+        "--vllm.enable_sleep",
+        action="store_true",
+        help="vllm on a GPU: free its KV cache and move its weights to CPU memory while the policy trains",
+    )
     quick = sub.add_parser(
         "quickstart", help="DITTO on SmolLM2-135M-Instruct with bundled demos (offline, ~10 min on 2 CPU cores)"
     )
@@ -92,6 +112,20 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rollout.top_p", type=float, default=1.0, help="nucleus sampling top_p (default: 1.0)")
     g.add_argument(
         "--rollout.batch_size", type=int, default=8, help="prompts sampled together, each N times (default: 8)"
+    )
+    g.add_argument(
+        "--rollout.engine",
+        choices=("auto", "torch", "vllm"),
+        default="auto",
+        help="vllm: one vLLM engine per condition; torch: our batched sampler; auto: vllm on a GPU when vLLM is "
+        "installed, else torch (default: auto)",
+    )
+    g.add_argument(
+        "--vllm.gpu_memory_utilization",
+        type=float,
+        default=None,
+        help="vllm: its share of the GPU's memory (default: 0.9); on a CPU, the share of RAM for its KV cache "
+        "(default: 0.1)",
     )
     g = parser.add_argument_group("judge: which of two outputs reads more like the user's held-out response")
     g.add_argument(
