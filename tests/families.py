@@ -66,9 +66,12 @@ GEMMA_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-QWEN_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ class Family:
 SPECS = {
     "mistral-legacy": Family("mistral-legacy", "</s>", "</s>", ("</s>",), "<s>"),
     "mistral": Family("mistral", "</s>", "</s>", ("</s>",), "<s>"),
-    "llama3": Family("llama3", "<|eot_id|>", "<|end_of_text|>", ("<|end_of_text|>", "<|eot_id|>"), "<|begin_of_text|>"),
+    "llama3": Family(
+        "llama3", "<|eot_id|>", "<|end_of_text|>", ("<|end_of_text|>", "<|eot_id|>"), "<|begin_of_text|>"
+    ),
     "qwen2.5": Family("qwen2.5", "<|im_end|>", "<|im_end|>", ("<|im_end|>", "<|endoftext|>"), None),
     "gemma": Family("gemma", "<end_of_turn>", "<eos>", ("<eos>", "<end_of_turn>"), "<bos>"),
 }
