@@ -35,7 +35,7 @@ def kind_counts(
     """Pairs of each kind in a batch: fractions * batch_size, rounded so that over many batches the counts add up
     to the fractions. `owed` holds, per kind, the pairs that earlier batches' rounding owes it (updated in place):
     each slot goes to the kind owed most. Without it (one batch) this is the largest-remainder rounding; with it,
-    24-pair batches at 0.7/0.2/0.1 alternate 17/5/2 and 16/5/3 instead of giving inter-model pairs 8.3% forever.
+    24-pair batches at 0.7/0.2/0.1 hold 2 or 3 inter-model pairs, 10% over a run, instead of 2 (8.3%) forever.
 
     Without history (iteration 0) the replay and inter-model fractions are added to online. Three fractions have
     no external share.
