@@ -2,14 +2,15 @@
 conventions: tiny random Llama-architecture models (hidden 128, 2 heads of dim 64, 1 KV head, 2 layers; vLLM's CPU
 build refuses head_dim 16) with tokenizers trained here on local text (the Zen of Python and a few stdlib
 docstrings). Nothing is downloaded. `build_family(name, folder)` writes one as a Hugging Face folder; the fixtures
-in conftest.py build each once per test session (all of them in about a second).
+in conftest.py build each once per test session: 0.05-0.15 s a family, after the first build's imports (3 s on a
+quiet machine).
 
-    mistral-legacy  Mistral-7B-Instruct-v0.2 / Llama-2 as their Hub folders ship it: a SentencePiece BPE model
-                    (`sentencepiece`, add_dummy_prefix, byte fallback, <unk>/<s>/</s> = 0/1/2) in the old
-                    tokenizer.json layout (normalizer Prepend("▁") + Replace(" ", "▁"), "legacy": true), which
+    mistral-legacy  Mistral-7B-Instruct-v0.2 / Llama-2 in a folder written before transformers 5: a SentencePiece BPE
+                    model (`sentencepiece`, add_dummy_prefix, byte fallback, <unk>/<s>/</s> = 0/1/2) with the old
+                    tokenizer.json (normalizer Prepend("▁") + Replace(" ", "▁")) and "legacy": true, which
                     transformers 5 loads as Metaspace(prepend_scheme="always"): text tokenized on its own, and text
-                    after a special token, starts with "▁". Template: "<s>[INST] ... [/INST]answer</s>", no system
-                    role; eos </s> ends a turn.
+                    after a special token, starts with "▁" ("<s>[INST]" decodes as "<s> [INST]"). Template:
+                    "<s>[INST] ... [/INST]answer</s>", no system role; the eos </s> ends a turn.
     mistral         the same SentencePiece model converted by transformers 5 from tokenizer.model (Metaspace
                     prepend_scheme="first": "▁" only at the very start of a text that has none).
     llama3          Llama-3-Instruct: byte-level BPE with Llama-3's pre-tokenizer regex, <|begin_of_text|> added as
@@ -165,6 +166,7 @@ def build_tokenizer(name: str, folder: Path):
     if name in ("mistral", "mistral-legacy"):
         _sentencepiece(folder, True, dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), [])
         config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        config["add_bos_token"] = True
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
         tokenizer = AutoTokenizer.from_pretrained(folder)  # transformers 5 converts tokenizer.model
         if name == "mistral-legacy":
@@ -185,6 +187,7 @@ def build_tokenizer(name: str, folder: Path):
         _sentencepiece(folder, False, ids, ["<start_of_turn>", "<end_of_turn>"])
         config = {
             "tokenizer_class": "GemmaTokenizer",
+            "add_bos_token": True,
             "bos_token": "<bos>",
             "eos_token": "<eos>",
             "unk_token": "<unk>",
