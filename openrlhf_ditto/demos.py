@@ -4,7 +4,9 @@ tokenize them as OpenRLHF does.
 A demo is a prompt and the response the user wants. Prompts are rendered with the tokenizer's chat template
 (``apply_chat_template``, generation prompt added) or with ``input_template`` (``"User: {}\\nAssistant: "``), or
 used as they are. A chat record (``messages``) uses its last assistant message as the demo and the messages before
-it as the prompt. Response token ids end with the tokenizer's EOS, as a sample that finished does.
+it as the prompt. Response token ids end as a finished sample does: with the token the chat template ends an
+assistant turn with (`turns.end_of_turn`: <|eot_id|> for Llama-3, <end_of_turn> for Gemma, ...), or with the
+tokenizer's EOS where no chat template renders the prompt.
 """
 
 import csv
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from openrlhf_ditto.turns import end_of_turn
+
 
 @dataclass
 class Demo:
@@ -22,7 +26,7 @@ class Demo:
     response: str
     prompt_ids: list[int]
     response_ids: list[int]
-    truncated: bool  # the response was cut to the response budget (and lost its EOS)
+    truncated: bool  # the response was cut to the response budget (and lost its end token)
 
 
 def read_records(path: str | os.PathLike, what: str = "demos") -> list[dict]:
@@ -145,6 +149,7 @@ def load_demos(
     path = Path(path)
     records = read_records(path)
     _check_tokenizer(tokenizer, apply_chat_template or "messages" in records[0], "demos")
+    ends = {True: end_of_turn(tokenizer), False: tokenizer.eos_token_id}  # by whether the chat template renders
     demos = []
     for i, record in enumerate(records):
         where = f"demos: {path}, record {i}"
@@ -166,7 +171,16 @@ def load_demos(
         chat = apply_chat_template or isinstance(prompt, list)
         demos.append(
             _tokenize(
-                tokenizer, where, prompt, response, "response", chat, input_template, prompt_max_len, generate_max_len
+                tokenizer,
+                where,
+                prompt,
+                response,
+                "response",
+                chat,
+                ends,
+                input_template,
+                prompt_max_len,
+                generate_max_len,
             )
         )
     return demos
@@ -186,10 +200,11 @@ def load_preference_pairs(
     """Read and tokenize preference pairs (chosen, rejected) in OpenRLHF train_dpo's layout and with its keys:
     chat records (chosen and rejected are conversations; the prompt is --data.prompt_key's messages, else the
     chosen conversation minus its last message) or text records (the prompt is --data.prompt_key's text, rendered
-    as the demos are). Each side is tokenized as a demo is: its prompt, then its response and EOS."""
+    as the demos are). Each side is tokenized as a demo is: its prompt, then its response and end token."""
     path, what = Path(path), "--ditto.extra_pairs"
     records = read_records(path, what)
     _check_tokenizer(tokenizer, apply_chat_template or isinstance(records[0].get(chosen_key), list), what)
+    ends = {True: end_of_turn(tokenizer), False: tokenizer.eos_token_id}
     keys = "--data.prompt_key / --data.chosen_key / --data.rejected_key"
     pairs = []
     for i, record in enumerate(records):
@@ -226,7 +241,9 @@ def load_preference_pairs(
         sides = [(chosen, "chosen response"), (rejected, "rejected response")]
         pairs.append(
             tuple(
-                _tokenize(tokenizer, where, prompt, text, name, chat, input_template, prompt_max_len, generate_max_len)
+                _tokenize(
+                    tokenizer, where, prompt, text, name, chat, ends, input_template, prompt_max_len, generate_max_len
+                )
                 for text, name in sides
             )
         )
@@ -246,10 +263,11 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, chat: bool, what: str) 
 
 
 def _tokenize(
-    tokenizer, where, prompt, response, name, chat, input_template, prompt_max_len, generate_max_len
+    tokenizer, where, prompt, response, name, chat, ends, input_template, prompt_max_len, generate_max_len
 ) -> Demo:
     """A prompt (text, or chat messages) and its response as a Demo: the prompt rendered (chat template with the
-    generation prompt, or --data.input_template) and tokenized, the response tokenized with EOS, cut to the budget."""
+    generation prompt, or --data.input_template) and tokenized, the response tokenized with its end token
+    (`ends[chat]`), cut to the budget."""
     if not isinstance(response, str) or not response.strip():
         raise ValueError(f"{where}: the {name} is {response!r}; it must be non-empty text")
     if chat:
@@ -261,11 +279,18 @@ def _tokenize(
         if input_template:
             prompt = input_template.format(prompt)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:  # the first response token must be predicted from something: BOS, as in pretraining
+        if tokenizer.bos_token_id is None:
+            raise ValueError(
+                f"{where}: the prompt is {prompt!r}, no tokens, and the tokenizer has no BOS token to start from; "
+                "give a prompt, or render it with --data.apply_chat_template or --data.input_template"
+            )
+        prompt_ids = [tokenizer.bos_token_id]
     if len(prompt_ids) > prompt_max_len:
         raise ValueError(
             f"{where}: the prompt alone is {len(prompt_ids)} tokens, over the prompt budget of {prompt_max_len} "
             "(--data.max_len minus --rollout.max_new_tokens); raise --data.max_len or shorten the prompt"
         )
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [ends[chat]]
     truncated = len(response_ids) > generate_max_len
     return Demo(prompt, response, prompt_ids, response_ids[:generate_max_len], truncated)

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
@@ -121,6 +121,19 @@ def _render(
         prompt, _ = _conversation(record, d.input_key, d.output_key)
         chat = d.apply_chat_template or isinstance(prompt, list)
         prompts.append(few_shot_prompt(tokenizer, shots, prompt, chat, d.input_template))
+    # the demos in context make these the longest prompts of the eval: they must fit the run's budget and the model
+    budget, why = rendering["prompt_max_len"], f"the run's --data.max_len {config['data']['max_len']}"
+    window = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
+    if window is not None and window - args.rollout.max_new_tokens < budget:
+        budget, why = window - args.rollout.max_new_tokens, f"the model's context window of {window}"
+    for i, text in enumerate(prompts):
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length > budget:
+            raise ValueError(
+                f"few-shot: held-out prompt {i} with {len(shots)} demos in context is {length} tokens, over the "
+                f"prompt budget of {budget} ({why} minus --rollout.max_new_tokens {args.rollout.max_new_tokens}); "
+                "put fewer demos in context with --few_shot.k, or lower --rollout.max_new_tokens"
+            )
     return prompts, [h.response for h in held_out]
 
 
@@ -319,22 +332,42 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _fingerprint(model: str) -> str:
+    """A model folder's identity for the generation cache: the name, size and modification time of every file in
+    it, since a run continued with --resume rewrites final/ under the same path. A Hub id stands for itself."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    stats = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
 def _generations(
     folder: Path, models: dict[str, str], rendered: dict, sampling: dict, batch_size: int, gpu_memory_utilization
 ) -> dict[str, list[dict]]:
-    """Each condition's saved generations, sampling those whose model, prompts or settings changed."""
+    """Each condition's saved generations, sampling those whose model files, prompts or settings changed."""
     generations, stale = {}, []
-    for name, model in models.items():
+    weights = {name: _fingerprint(model) for name, model in models.items()}
+    for name in models:
         saved = _read_jsonl(folder / f"{name}.jsonl")
-        if [(g["model"], g["prompt"], g["sampling"]) for g in saved] == [
-            (model, p, sampling) for p in rendered[name][0]
+        if [(g.get("weights"), g["prompt"], g["sampling"]) for g in saved] == [
+            (weights[name], p, sampling) for p in rendered[name][0]
         ]:
             generations[name] = saved
         else:
             stale.append(name)
     for name in tqdm(stale, desc="generating"):
         rows = [
-            {"index": i, "model": models[name], "prompt": p, "sampling": sampling, "reference": ref, **row}
+            {
+                "index": i,
+                "model": models[name],
+                "weights": weights[name],
+                "prompt": p,
+                "sampling": sampling,
+                "reference": ref,
+                **row,
+            }
             for i, (p, ref, row) in enumerate(
                 zip(
                     *rendered[name],

@@ -6,10 +6,11 @@ per pair:
     {"prompt": ..., "chosen": ..., "rejected": ..., "kind": "online", "chosen_iteration": -1, "rejected_iteration": 3}
 (iteration -1 is a demo, -2 an external pair's response). "prompt" is the prompt exactly as the run rendered it
 (its chat template or input template already applied) and "chosen"/"rejected" the response tokens decoded with
-special tokens kept, so a finished response ends with its EOS text. train_dpo reads the file with
-`--data.prompt_key prompt` and without `--data.apply_chat_template`, and tokenizes prompt + response back to the
-run's own token ids. Re-rendering chat messages instead would not round-trip: the run stores token ids, not
-messages, and templates rewrite contents.
+special tokens kept, so a finished response ends with its end token's text. train_dpo reads the file with
+`--data.prompt_key prompt`, without `--data.apply_chat_template`, and with `--data.max_len` the run's plus what it
+appends, and tokenizes prompt + response back to the run's own token ids, except where it appends an EOS.
+Re-rendering chat messages instead would not round-trip: the run stores token ids, not messages, and templates
+rewrite contents.
 """
 
 import json
@@ -27,10 +28,10 @@ def export_pairs(
     num: int | None = None,
     kinds: list[str] | None = None,
     seed: int = 42,
-) -> tuple[Counter, int]:
+) -> tuple[Counter, int, int]:
     """Write `num` drawn pairs of `kinds` (default: as many as the run trained on, of every kind) to `out`
-    (JSONL). Returns the count per kind, and how many of the written responses train_dpo will tokenize into other
-    tokens than the run's."""
+    (JSONL). Returns the count per kind, how many of the written responses train_dpo will train on other tokens
+    than the run's, and the --data.max_len to give train_dpo."""
     from transformers import AutoTokenizer
 
     run, out = Path(run), Path(out)
@@ -84,10 +85,15 @@ def export_pairs(
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     os.replace(tmp, out)
 
-    # train_dpo tokenizes prompt + response text; a sample whose text does not give its tokens back (cut inside a
-    # character, or tokens the tokenizer would merge differently) reaches DPO as other tokens: count them
-    texts = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
+    # What train_dpo's RewardDataset makes of each row (openrlhf/datasets/reward_dataset.py): prompt + response,
+    # trailing newlines stripped, " " + EOS appended unless the text ends with EOS, tokenized, cut to --data.max_len,
+    # the last token set to EOS. A truncated sample, a turn that ends with another token than the EOS (Llama-3's
+    # <|eot_id|>, Gemma's <end_of_turn>) and a sample cut inside a character reach DPO as other tokens: count them.
+    eos = tokenizer.eos_token
+    max_len = config["data"]["max_len"] + len(tokenizer(" " + eos, add_special_tokens=False)["input_ids"])
+    texts = [(r["prompt"] + r[side]).rstrip("\n") for r in records for side in ("chosen", "rejected")]
+    texts = [text if text.endswith(eos) else text + " " + eos for text in texts]
+    retokenized = tokenizer(texts, add_special_tokens=False, max_length=max_len, truncation=True)["input_ids"]
     ids = [store.prompt_of(x).tolist() + x.ids.tolist() for p in pairs for x in (p.chosen, p.rejected)]
-    retokenized = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    changed = sum(a != b for a, b in zip(retokenized, ids))
-    return Counter(r["kind"] for r in records), changed
+    changed = sum(a[:-1] + [tokenizer.eos_token_id] != b for a, b in zip(retokenized, ids))
+    return Counter(r["kind"] for r in records), changed, max_len

@@ -78,6 +78,7 @@ async def judge_openai(
             for attempt in range(retries + 1):
                 if attempt:
                     await asyncio.sleep(2 ** (attempt - 1))
+                refused = False  # only a connection refused on the last try means there is no server
                 try:
                     async with session.post(endpoint, json=body, headers=headers) as answer:
                         status, text = answer.status, await answer.text()
@@ -114,7 +115,11 @@ def _content(text: str) -> str:
 @torch.no_grad()
 def judge_local(judgments: list[Judgment], on_result: OnResult, model_path: str | Path, batch_size: int = 8) -> None:
     """Ask a local Hugging Face chat model: after the prompt and the start of the JSON answer ('{"answer": "'), the
-    judge's answer is whichever of the tokens "A" and "B" is more likely. No generation, nothing to parse."""
+    judge's answer is whichever of the tokens "A" and "B" is more likely. No generation, nothing to parse. The
+    letters' ids are those that follow the context when context and letter are tokenized together: tokenized on its
+    own, a SentencePiece tokenizer gives "A" as "▁A", another token. A template that refuses a system message
+    (Mistral-v0.2, Gemma) gets the user message alone, which opens with the same line."""
+    from jinja2 import TemplateError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from openrlhf_ditto.pairs import collate
@@ -128,23 +133,33 @@ def judge_local(judgments: list[Judgment], on_result: OnResult, model_path: str 
         ) from e
     if not tokenizer.chat_template:
         raise ValueError(f"--judge.model {model_path} has no chat template; --judge local needs a chat model")
-    choices = [
-        tokenizer("A", add_special_tokens=False)["input_ids"],
-        tokenizer("B", add_special_tokens=False)["input_ids"],
-    ]
-    if any(len(ids) != 1 for ids in choices):
-        raise ValueError(f"--judge.model {model_path}: 'A' and 'B' must be one token each, got {choices}")
+    if not judgments:
+        return
+
+    def context(judgment: Judgment) -> str:
+        try:
+            text = tokenizer.apply_chat_template(messages(judgment), tokenize=False, add_generation_prompt=True)
+        except TemplateError:  # "System role not supported"
+            text = tokenizer.apply_chat_template(messages(judgment)[1:], tokenize=False, add_generation_prompt=True)
+        return text + '{"answer": "'
+
+    texts = [context(j) for j in judgments]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    choices = []
+    for letter in "AB":
+        with_letter = tokenizer(texts[0] + letter, add_special_tokens=False)["input_ids"]
+        if with_letter[:-1] != ids[0]:
+            raise ValueError(
+                f"--judge.model {model_path}: its tokenizer does not give {letter!r} as one token after "
+                f'\'{{"answer": "\' ({with_letter[len(ids[0]) - 1 :]} where {ids[0][-1:]} was), so its answer '
+                "cannot be read from one forward pass; choose another judge"
+            )
+        choices.append(with_letter[-1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = [
-        torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-        for text in (
-            tokenizer.apply_chat_template(messages(j), tokenize=False, add_generation_prompt=True) + '{"answer": "'
-            for j in judgments
-        )
-    ]
+    ids = [torch.tensor(x) for x in ids]
     for start in range(0, len(ids), batch_size):
         rows = ids[start : start + batch_size]
         batch = collate(rows, [x[:0] for x in rows], pad).to(device)
@@ -152,7 +167,7 @@ def judge_local(judgments: list[Judgment], on_result: OnResult, model_path: str 
         logits = model(
             batch.sequences, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1
         ).logits[:, -1]
-        probs = logits.float().softmax(-1)[:, [choices[0][0], choices[1][0]]].cpu().tolist()
+        probs = logits.float().softmax(-1)[:, choices].cpu().tolist()
         for offset, (p_a, p_b) in enumerate(probs):
             if math.isfinite(p_a + p_b):
                 result = {"status": "ok", "answer": "A" if p_a >= p_b else "B", "p_a": p_a, "p_b": p_b}

@@ -9,7 +9,11 @@ from openrlhf_ditto.pairs import KINDS, PairBatch, SequenceBatch
 
 class DittoActorLoss(nn.Module):
     """The DPO loss of `openrlhf.models.loss.DPOLoss` (same beta, cDPO label smoothing and IPO), plus an optional
-    NLL term on the demos' tokens (`nll_coef`, mean per-token NLL of the chosen demos), and metrics per kind."""
+    NLL term on the demos' tokens (`nll_coef`, mean per-token NLL of the chosen demos), and metrics per kind.
+
+    Both terms are means over the whole batch. Under gradient accumulation a micro-batch passes the batch's counts
+    (`num_pairs`, `num_demos`), so that the gradients of its micro-batches add up to the batch's gradient however
+    the batch is split; by default the counts are the given rows'."""
 
     def __init__(self, beta: float = 0.05, label_smoothing: float = 0.0, ipo: bool = False, nll_coef: float = 0.0):
         super().__init__()
@@ -27,6 +31,8 @@ class DittoActorLoss(nn.Module):
         kinds: torch.Tensor,
         chosen_lengths: torch.Tensor | None = None,
         chosen_is_demo: torch.Tensor | None = None,
+        num_pairs: int | None = None,
+        num_demos: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
         if self.ipo:
@@ -36,10 +42,10 @@ class DittoActorLoss(nn.Module):
                 -F.logsigmoid(self.beta * logits) * (1 - self.label_smoothing)
                 - F.logsigmoid(-self.beta * logits) * self.label_smoothing
             )
-        loss = losses.mean()
+        loss = losses.sum() / (num_pairs or len(losses))
         metrics = {"dpo_loss": loss.item()}
         if self.nll_coef > 0 and chosen_is_demo is not None and chosen_is_demo.any():
-            nll = -(policy_chosen_logps / chosen_lengths)[chosen_is_demo].mean()
+            nll = -(policy_chosen_logps / chosen_lengths)[chosen_is_demo].sum() / (num_demos or chosen_is_demo.sum())
             loss = loss + self.nll_coef * nll
             metrics["demo_nll"] = nll.item()
 
@@ -59,8 +65,11 @@ class DittoActorLoss(nn.Module):
                 metrics[f"{name}/rejected_reward"] = rejected_rewards[mask].mean().item()
         return loss, metrics
 
-    def on_pairs(self, logps: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of a pair batch given its rows' policy log-probs (chosen rows, then rejected rows)."""
+    def on_pairs(
+        self, logps: torch.Tensor, batch: PairBatch, num_pairs: int | None = None, num_demos: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of a pair batch given its rows' policy log-probs (chosen rows, then rejected rows); a
+        micro-batch passes its whole batch's pair and demo counts."""
         B = len(batch.kinds)
         return self(
             logps[:B],
@@ -70,6 +79,8 @@ class DittoActorLoss(nn.Module):
             batch.kinds,
             batch.action_mask[:B].sum(-1),
             batch.chosen_is_demo,
+            num_pairs,
+            num_demos,
         )
 
 

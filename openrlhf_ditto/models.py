@@ -9,17 +9,20 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def eos_token_ids(model_path: str | os.PathLike, tokenizer) -> set[int]:
-    """Every token id that ends a response: the tokenizer's EOS plus the model's generation_config `eos_token_id`
-    (an int or a list). HF generate and vLLM stop on all of them; Qwen2.5-Instruct, for one, lists <|im_end|> and
-    <|endoftext|>, so a sample ending with the second is finished, not truncated."""
+    """Every token id that ends a response: the tokenizer's EOS, the model's generation_config `eos_token_id` (an
+    int or a list) and the token its chat template ends an assistant turn with (`turns.end_of_turn`), which a demo
+    ends with. Sampling stops on all of them; Qwen2.5-Instruct, for one, lists <|im_end|> and <|endoftext|>, so a
+    sample ending with the second is finished, not truncated."""
     from transformers import AutoConfig, GenerationConfig
+
+    from openrlhf_ditto.turns import end_of_turn
 
     try:
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
     except OSError:  # no generation_config.json: the model config's
         eos = getattr(AutoConfig.from_pretrained(model_path), "eos_token_id", None)
     ids = set(eos) if isinstance(eos, list) else {eos}
-    return {int(i) for i in ids | {tokenizer.eos_token_id} if i is not None}
+    return {int(i) for i in ids | {tokenizer.eos_token_id, end_of_turn(tokenizer)} if i is not None}
 
 
 def save_pretrained(model, folder: str | os.PathLike) -> None:

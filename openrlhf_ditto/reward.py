@@ -70,26 +70,48 @@ class DittoReward:
         self.max_len = max_len
 
     def tokenize(self, queries: list[str], prompts: list[str]) -> list[tuple[list[int], list[int]]]:
-        """(prompt ids, response ids) per query. The prompt is tokenized as OpenRLHF tokenizes it for vLLM and the
-        response (the rest of the query) on its own, which gives back the rollout's tokens even where a template
-        ends in a space that the response's first token would swallow if the whole query were tokenized."""
-        for i, (q, p) in enumerate(zip(queries, prompts)):
-            if not q.startswith(p):
+        """(prompt ids, response ids) per query, the rollout's own tokens. OpenRLHF tokenizes the prompt for vLLM
+        and sends query = decode(prompt ids + response ids). The response ids are taken from the tokenization of
+        the whole query, after the prompt's ids: tokenized on its own, a SentencePiece tokenizer would give the
+        response a leading "▁" token the rollout never produced. Where the prompt's ids are not a prefix there (a
+        template ending in a space that the response's first token swallows), the response is tokenized on its
+        own. Either way the ids must decode back to the query, or the query is refused: a reward is never
+        computed on tokens other than the rollout's."""
+        tokenizer = self.tokenizer
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        items = []
+        for i, (query, prompt, p) in enumerate(zip(queries, prompts, prompt_ids)):
+            if not p:
+                raise ValueError(
+                    f"prompts[{i}] is {prompt!r}, no tokens: there is nothing to predict its response from"
+                )
+            # a legacy SentencePiece tokenizer decodes "<s>[INST]" as "<s> [INST]": the query holds the decoded prompt
+            head = next(
+                (h for h in (prompt, tokenizer.decode(p, skip_special_tokens=False)) if query.startswith(h)), None
+            )
+            if head is None:
                 raise ValueError(
                     f"query {i} does not start with prompts[{i}]; OpenRLHF sends query = prompt + response "
-                    f"(query starts {q[: len(p) + 20]!r}, prompt is {p[:200]!r})"
+                    f"(query starts {query[: len(prompt) + 20]!r}, prompt is {prompt[:200]!r})"
                 )
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        response_ids = self.tokenizer([q[len(p) :] for q, p in zip(queries, prompts)], add_special_tokens=False)
-        items = list(zip(prompt_ids, response_ids["input_ids"]))
-        for i, (p, r) in enumerate(items):
-            if not r:
+            if len(query) == len(head):
                 raise ValueError(f"query {i} has an empty response: it equals prompts[{i}]")
+            whole = tokenizer(prompt + query[len(head) :], add_special_tokens=False)["input_ids"]
+            r = whole[len(p) :] if whole[: len(p)] == p else None
+            if r is None or tokenizer.decode(p + r, skip_special_tokens=False) != query:
+                r = tokenizer(query[len(head) :], add_special_tokens=False)["input_ids"]
+                if tokenizer.decode(p + r, skip_special_tokens=False) != query:
+                    raise ValueError(
+                        f"query {i}: no tokens of its response after prompts[{i}]'s tokens decode back to the query "
+                        "(the prompt's last token merges with the response's first); this server cannot tell which "
+                        "tokens the rollout produced"
+                    )
             if len(p) + len(r) > self.max_len:
                 raise ValueError(
                     f"query {i} is {len(p) + len(r)} tokens ({len(p)} prompt + {len(r)} response), over "
                     f"--data.max_len {self.max_len}; restart the server with a larger --data.max_len"
                 )
+            items.append((p, r))
         return items
 
     @torch.no_grad()

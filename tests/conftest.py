@@ -71,3 +71,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def family_paths(tmp_path_factory) -> dict:
+    """Every model family's stand-in (tests/families.py), built once per session: {name: folder}."""
+    from families import FAMILIES, build_family
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(name, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(params=["mistral-legacy", "mistral", "llama3", "qwen2.5", "gemma"])
+def family(request, family_paths):
+    """One family at a time: (its conventions as families.SPECS states them, its model folder)."""
+    from families import SPECS
+
+    return SPECS[request.param], family_paths[request.param]

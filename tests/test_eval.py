@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -348,3 +349,122 @@ def test_local_judge_reads_the_same_probabilities_in_any_batch(tiny_model_path):
         assert batched[i]["p_b"] == pytest.approx(alone[i]["p_b"], rel=1e-4)
         assert alone[i]["answer"] == ("A" if alone[i]["p_a"] >= alone[i]["p_b"] else "B")
     assert len({round(alone[i]["p_a"], 6) for i in range(3)}) == 3  # the judgments differ, so do their readings
+
+
+def test_generations_are_sampled_again_when_the_model_folder_is_rewritten(
+    run_dir, held_out, stand_in, tmp_path, monkeypatch
+):
+    """A run continued with --resume rewrites final/ under the same path: eval must not report the old model."""
+    from openrlhf_ditto import evaluate
+
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    sampled, generate = [], evaluate._generate
+    monkeypatch.setattr(
+        evaluate, "_generate", lambda folder, *a: sampled.append(Path(folder).name) or generate(folder, *a)
+    )
+    argv = [*eval_argv(run, held_out, tmp_path / "eval", "--conditions", "sft", "ditto"), *openai_judge(stand_in.url)]
+    main(argv)
+    assert sorted(sampled) == ["final", "reference"]
+    sampled.clear()
+    main(argv)
+    assert sampled == []  # nothing changed: every generation reused
+    shutil.rmtree(run / "final")
+    shutil.copytree(run / "reference", run / "final")  # final/ rewritten: now pi_0, which sft samples too
+    main(argv)
+    assert sampled == ["final"]
+    rows = {
+        name: (tmp_path / "eval" / "generations" / f"{name}.jsonl").read_text().splitlines()
+        for name in ("sft", "ditto")
+    }
+    assert [json.loads(r)["samples"] for r in rows["ditto"]] == [json.loads(r)["samples"] for r in rows["sft"]]
+
+
+def test_few_shot_prompts_must_fit_the_runs_budget_and_the_models_window(
+    run_dir, held_out, tiny_model_path, tmp_path, capsys
+):
+    config = json.loads((run_dir / "run_config.json").read_text())
+    argv = [*eval_argv(run_dir, held_out, tmp_path / "eval", "--conditions", "zero-shot", "few-shot"), "--judge",
+            "local", "--judge.model", str(tiny_model_path)]  # fmt: skip
+    # with 150 of the run's 200 tokens for the response, 3 demos in context leave no room for the prompt
+    with pytest.raises(SystemExit):
+        main([*argv, "--rollout.max_new_tokens", "150"])
+    err = capsys.readouterr().err
+    assert re.search(
+        r"few-shot: held-out prompt 0 with 3 demos in context is \d+ tokens, over the prompt budget of 50 "
+        r"\(the run's --data.max_len 200 minus --rollout.max_new_tokens 150\)",
+        err,
+    ), err
+    assert "--few_shot.k" in err and not (tmp_path / "eval" / "generations").exists()
+
+    # a base model whose context window is one token short of the longest few-shot prompt and 12 new tokens
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    from openrlhf_ditto.evaluate import few_shot_prompt
+
+    demos = [json.loads(line) for line in Path(config["data"]["dataset"]).read_text().splitlines()]
+    longest = max(
+        len(
+            tokenizer(
+                few_shot_prompt(tokenizer, [(d["prompt"], d["response"]) for d in demos], p, True, None),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        for p, _ in HELD_OUT
+    )
+    base = shutil.copytree(tiny_model_path, tmp_path / "base")
+    model_config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**model_config, "max_position_embeddings": longest + 12 - 1}))
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    (run / "run_config.json").write_text(
+        json.dumps({**config, "actor": {**config["actor"], "model_name_or_path": str(base)}})
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *eval_argv(run, held_out, tmp_path / "eval2", "--conditions", "zero-shot", "few-shot"),
+                "--judge",
+                "local",
+                "--judge.model",
+                str(tiny_model_path),
+            ]
+        )
+    assert f"the model's context window of {longest + 11} minus --rollout.max_new_tokens 12" in capsys.readouterr().err
+
+
+def test_a_refused_connection_then_5xx_answers_is_a_failed_judgment_not_an_unreachable_judge():
+    """The judge's server is not up at the first try and answers 503 from the next: that judgment failed (asked
+    again by the next run); the judge is reachable, so the eval must not stop as 'cannot connect'."""
+    import asyncio
+
+    from openrlhf_ditto.judges import judge_openai
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    class Busy(StandIn):
+        def do_POST(self):
+            self._send(503, b"overloaded")
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Busy, bind_and_activate=False)
+
+    started = threading.Event()
+
+    def start_late():  # within the first retry's wait of 1 s
+        time.sleep(0.3)
+        server.server_bind()
+        server.server_activate()
+        started.set()
+        server.serve_forever()
+
+    threading.Thread(target=start_late, daemon=True).start()
+    results = {}
+    try:
+        asyncio.run(
+            judge_openai([("ref", "a", "b")], results.__setitem__, f"http://127.0.0.1:{port}/v1", "m", None, retries=2)
+        )
+    finally:
+        if started.is_set():
+            server.shutdown()
+    assert results[0]["status"] == "failed" and "HTTP 503" in results[0]["error"] and "3 tries" in results[0]["error"]

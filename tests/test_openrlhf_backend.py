@@ -152,8 +152,8 @@ class RecordedPolicyActor(ob.DittoPolicyActor.__ray_actor_class__):
         super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
         record("policy.ready", rank=self._rank, temperature=self.actor.temperature, zero=a.ds.zero_stage)
 
-    def ditto_train_step(self, batch, total_pairs):
-        out = super().ditto_train_step(batch, total_pairs)
+    def ditto_train_step(self, batch, total_pairs, total_demos):
+        out = super().ditto_train_step(batch, total_pairs, total_demos)
         record("policy.train_step", rank=self._rank, pairs=len(batch.kinds), total_pairs=total_pairs)
         return out
 
@@ -323,6 +323,7 @@ def run_ditto(tiny_model_path, zero_stage: int, lora: int, output_dir: str, *ext
         "--data.apply_chat_template", "--data.max_len", "64", "--rollout.max_new_tokens", "8",
         "--rollout.n_samples_per_prompt", "2", "--rollout.micro_batch_size", "3", "--rollout.temperature", "0.7",
         "--ditto.iterations", "2", "--ditto.resample_every", "2", "--actor.adam.lr", "1e-2",
+        "--ditto.nll_coef", "0.5",  # its per-batch normaliser, checked with the step's gradient below
         "--train.batch_size", "4", "--train.micro_batch_size", "1",
         "--ds.zero_stage", str(zero_stage), "--ds.lora.rank", str(lora), "--ds.lora.alpha", "8",
         "--ds.attn_implementation", "sdpa",
@@ -420,7 +421,7 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
         assert sorted(window[k:-2]) == ["engine.reset_prefix_cache"] * 2 + ["policy.sync"] * 2, window
     assert [d["tags"] for e, d in events if e == "engine.wake_up"] == ([["weights"]] * 2 + [["kv_cache"]] * 2) * 2
     sampled = [d for e, d in events if e == "engine.generate"]
-    eos = sorted(backend.eos_ids)
+    eos = backend.stop_token_ids
     assert all(d["n"] == 2 and d["detokenize"] is False and d["stop"] == eos for d in sampled)
     assert len({d["seed"] for d in sampled}) == len(sampled), "a seed of its own for every prompt and iteration"
     assert names.count("engine.sleep") == 2 * 2

@@ -113,9 +113,16 @@ def test_vllm_engines():
     from vllm.sampling_params import RequestOutputKind
 
     p = SamplingParams(
-        n=3, temperature=0.7, top_p=0.9, max_tokens=8, output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False
+        n=3,
+        temperature=0.7,
+        top_p=0.9,
+        max_tokens=8,
+        stop_token_ids=[2, 7],
+        output_kind=RequestOutputKind.FINAL_ONLY,
+        detokenize=False,
     )
     assert (p.n, p.max_tokens, p.output_kind, p.detokenize) == (3, 8, RequestOutputKind.FINAL_ONLY, False)
+    assert p.stop_token_ids == [2, 7]  # the chat template's turn end, which a generation config may not list
 
 
 def test_actor_forward_and_strategy():

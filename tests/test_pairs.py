@@ -352,3 +352,19 @@ def test_split_keeps_every_pair_and_trims_padding(store, seed, batch_size, size)
         assert torch.cat([getattr(p, name)[len(p.kinds) :] for p in parts]).tolist() == whole[B:].tolist()
     assert torch.cat([p.kinds for p in parts]).tolist() == batch.kinds.tolist()
     assert torch.cat([p.chosen_is_demo for p in parts]).tolist() == batch.chosen_is_demo.tolist()
+
+
+@pytest.mark.parametrize("batch_size", [24, 4, 7])
+def test_kind_shares_converge_to_the_fractions_over_a_run(batch_size):
+    """Batches of 24 at 0.7/0.2/0.1 rounded alike every time give inter-model pairs 2 of 24, 8.3% forever, and
+    batches of 4 none: the sampler carries each batch's rounding over to the next."""
+    sampler = PairSampler(_big_store(), (0.7, 0.2, 0.1), seed=0)
+    totals, n = [0] * len(KINDS), 0
+    for _ in range(60):
+        pairs = sampler.sample(batch_size)
+        n += len(pairs)
+        for p in pairs:
+            totals[p.kind] += 1
+        for total, fraction in zip(totals, (0.7, 0.2, 0.1, 0.0)):
+            assert abs(total - fraction * n) < 1  # at every step of the run, within one pair of the fractions
+    assert n == 60 * batch_size

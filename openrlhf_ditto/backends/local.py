@@ -164,14 +164,14 @@ class LocalBackend:
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         start = time.perf_counter()
         self.model.train()
-        B = len(batch.kinds)
+        B, demos = len(batch.kinds), int(batch.chosen_is_demo.sum())
         chosen, rejected = [], []
         for mb in batch.split(self.args.train.micro_batch_size):
             mb = mb.to(self.device)
             b = len(mb.kinds)
             logps = sequence_logps(self.model, mb)
-            loss, _ = self.loss_fn.on_pairs(logps, mb)
-            (loss * b / B).backward()  # gradient accumulation: the mean over the whole batch
+            loss, _ = self.loss_fn.on_pairs(logps, mb, B, demos)  # the batch's means: micro-batches add up to them
+            loss.backward()
             chosen.append(logps[:b].detach().float().cpu())
             rejected.append(logps[b:].detach().float().cpu())
         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), self.args.actor.max_norm)

@@ -94,21 +94,23 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
     """OpenRLHF's policy role (DeepSpeed ZeRO 0-3, LoRA, gradient checkpointing, offload/reload, vLLM weight sync)
     plus one DITTO optimiser step on a shard of a pair batch, and checkpoints into a given folder."""
 
-    def ditto_train_step(self, batch: PairBatch, total_pairs: int) -> dict:
+    def ditto_train_step(self, batch: PairBatch, total_pairs: int, total_demos: int) -> dict:
         """Forward/backward the shard's micro-batches (chosen + rejected in one forward each) and step.
 
         Every rank gets the same number of pairs, `strategy.accumulated_gradient` micro-batches of
         --train.micro_batch_size, so DeepSpeed's accumulation boundary and ZeRO-3's collective forwards line up.
-        DeepSpeed divides each loss by the accumulation steps and averages gradients over the ranks; the factor
-        below makes the step's gradient the mean over the `total_pairs` real pairs of the whole batch (padding pairs
-        compare a response with itself: zero gradient). Returns the shard's policy log-probs for the driver's
-        metrics, with the lr of this step and DeepSpeed's gradient norm.
+        DeepSpeed divides each loss by the accumulation steps and averages gradients over the ranks; each
+        micro-batch's loss is its share of the whole batch's means (over the `total_pairs` real pairs and the
+        `total_demos` demo rows of the batch), and the factor below undoes DeepSpeed's divisions, so the step's
+        gradient is the batch's however it is split (padding pairs compare a response with itself: zero gradient).
+        Returns the shard's policy log-probs for the driver's metrics, with the lr of this step and DeepSpeed's
+        gradient norm.
         """
         args = self.strategy.args
         d = args.ditto
         loss_fn = DittoActorLoss(d.beta, d.label_smoothing, d.ipo, d.nll_coef)
         device = torch.cuda.current_device()
-        scale = self.strategy.accumulated_gradient * self.strategy.world_size / total_pairs
+        scale = self.strategy.accumulated_gradient * self.strategy.world_size
         lr = self.actor_scheduler.get_last_lr()[0]
         self.actor.train()
         chosen, rejected = [], []
@@ -116,8 +118,8 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
             mb = mb.to(device)
             b = len(mb.kinds)
             logps = self.actor(mb.sequences, mb.action_mask, mb.attention_mask).sum(-1)
-            loss, _ = loss_fn.on_pairs(logps, mb)
-            self.strategy.backward(loss * b * scale, self.actor, self.actor_optim)
+            loss, _ = loss_fn.on_pairs(logps, mb, total_pairs, total_demos)
+            self.strategy.backward(loss * scale, self.actor, self.actor_optim)
             self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
             chosen.append(logps[:b].detach().float().cpu())
             rejected.append(logps[b:].detach().float().cpu())
@@ -211,13 +213,14 @@ class OpenRLHFBackend:
         self.policy = policy
         self.reference = reference
         self.engines = engines
-        from transformers import AutoTokenizer
-
-        self.eos_ids = eos_token_ids(model_path, AutoTokenizer.from_pretrained(model_path))
         self.dp = args.actor.num_nodes * args.actor.num_gpus_per_node
         self.ref_ranks = args.ref.num_nodes * args.ref.num_gpus_per_node
         d = args.ditto
         self.loss_fn = DittoActorLoss(d.beta, d.label_smoothing, d.ipo, d.nll_coef)
+        from transformers import AutoTokenizer
+
+        # vLLM stops on the generation config's EOS ids; the chat template's turn end may not be among them
+        self.stop_token_ids = sorted(eos_token_ids(model_path, AutoTokenizer.from_pretrained(model_path)))
         strategy = get_strategy(openrlhf_args(args))
         max_steps = d.iterations * d.resample_every  # the scheduler's length
         ray.get(
@@ -268,7 +271,7 @@ class OpenRLHFBackend:
                 temperature=r.temperature,
                 top_p=r.top_p,
                 max_tokens=r.max_new_tokens,
-                stop_token_ids=sorted(self.eos_ids),  # the stop tokens of the local sampler and of the store
+                stop_token_ids=self.stop_token_ids,
                 seed=seed,
                 output_kind=RequestOutputKind.FINAL_ONLY,  # the n samples of a prompt in one output
                 detokenize=False,  # DITTO stores token ids only
@@ -312,7 +315,10 @@ class OpenRLHFBackend:
             truncated=batch.truncated[rows],
         )
         shards = padded.split(total // self.dp)
-        refs = self.policy.async_run_method_batch("ditto_train_step", batch=shards, total_pairs=[B] * self.dp)
+        demos = int(batch.chosen_is_demo.sum())
+        refs = self.policy.async_run_method_batch(
+            "ditto_train_step", batch=shards, total_pairs=[B] * self.dp, total_demos=[demos] * self.dp
+        )
         out = [result[0] for result in ray.get(refs)]
         chosen = torch.cat([o["chosen_logps"] for o in out])[:B]
         rejected = torch.cat([o["rejected_logps"] for o in out])[:B]

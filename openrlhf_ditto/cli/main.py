@@ -239,17 +239,19 @@ def main(argv: list[str] | None = None) -> None:
         elif ns.command == "export-pairs":
             from openrlhf_ditto.export import export_pairs
 
-            counts, changed = export_pairs(ns.run, ns.out, ns.num, ns.kinds, ns.seed)
+            counts, changed, max_len = export_pairs(ns.run, ns.out, ns.num, ns.kinds, ns.seed)
             print(
                 f"wrote {sum(counts.values())} pairs ({', '.join(f'{k} {counts[k]}' for k in KINDS if counts[k])}) to "
                 f"{ns.out}; train on them with python -m openrlhf.cli.train_dpo --data.dataset {ns.out} "
-                "--data.prompt_key prompt (prompts are rendered already: no --data.apply_chat_template)"
+                f"--data.prompt_key prompt --data.max_len {max_len} (prompts are rendered already: no "
+                "--data.apply_chat_template; max_len: the run's plus the EOS train_dpo appends)"
             )
             if changed:
                 print(
-                    f"note: {changed} of the {2 * sum(counts.values())} responses do not tokenize back to the run's "
-                    "own tokens (a sample cut inside a character, or tokens the tokenizer merges otherwise): "
-                    "train_dpo trains on their text's tokens"
+                    f"note: train_dpo trains {changed} of the {2 * sum(counts.values())} responses on other tokens "
+                    "than the run's: it appends an EOS to each response that does not end with one (samples cut at "
+                    "the budget, turns that end with another token) and re-tokenizes text (a sample cut inside a "
+                    "character)"
                 )
     except (RunFolderError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
