@@ -83,6 +83,26 @@ def test_samples_end_with_their_stop_token_and_repeat_with_the_seed(tiny_model_p
     assert all(len(s) == 8 or s[-1] in stop for group in a for s in group)
 
 
+def test_every_family_samples_the_same_greedy_tokens_with_vllm(family):
+    """vLLM loads each family's stand-in and, stopping on the family's stop tokens, continues its chat prompts with
+    the tokens our sampler picks."""
+    from openrlhf_ditto.models import eos_token_ids
+
+    _, path = family
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    stops = eos_token_ids(path, tokenizer)
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    prompts = [torch.tensor(tokenizer.apply_chat_template(c, add_generation_prompt=True)["input_ids"]) for c in chats]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ours = sample_responses(model, prompts, 1, pad, stops, 12, 1.0, GREEDY)
+    engine = VLLMEngine(path, max_model_len=128, seed=0, gpu_memory_utilization=0.02)
+    try:
+        assert engine.generate(prompts, 1, stops, 12, 1.0, GREEDY) == ours
+    finally:
+        engine.close()
+
+
 DEMOS = [
     {"prompt": "Tell me about errors.", "response": "Errors should never pass silently."},
     {"prompt": "What is better?", "response": "Beautiful is better than ugly."},
