@@ -38,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="vllm on a GPU: free its KV cache and move its weights to CPU memory while the policy trains",
     )
+    g = train.add_argument_group("many users: one DITTO adapter per user against one resident base model")
+    g.add_argument(
+        "--data.users",
+        action="store_true",
+        help="--data.dataset is a folder of demo files, one per user (the file's stem is the user's id)",
+    )
+    g.add_argument(
+        "--data.user_key",
+        default=None,
+        help="--data.dataset holds many users: the record key of the user's id (implies --data.users)",
+    )
     quick = sub.add_parser(
         "quickstart", help="DITTO on SmolLM2-135M-Instruct with bundled demos (offline, ~10 min on 2 CPU cores)"
     )
@@ -217,11 +228,17 @@ def main(argv: list[str] | None = None) -> None:
         if ns.command == "train":
             from openrlhf_ditto.backends.local import LocalBackend
             from openrlhf_ditto.trainer import train
+            from openrlhf_ditto.users import is_multi_user, train_users
 
             args = hierarchize(ns)
             validate(args)
-            final = train(args, lambda path: LocalBackend(path, args))
-            print(f"DITTO model saved to {final}")
+            if is_multi_user(args):
+                from openrlhf_ditto.backends.multi_lora import MultiLoraBackend
+
+                train_users(args, lambda path: MultiLoraBackend(path, args))
+            else:
+                final = train(args, lambda path: LocalBackend(path, args))
+                print(f"DITTO model saved to {final}")
         elif ns.command == "quickstart":
             from openrlhf_ditto.quickstart import quickstart, train_argv
 
