@@ -21,6 +21,7 @@ Run folder (--ckpt.output_dir):
 """
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_ditto.backends.multi_lora import vllm_serve_command
 from openrlhf_ditto.demos import Demo, load_demos, read_records
+from openrlhf_ditto.evaluate import evaluate
 from openrlhf_ditto.experience import DittoExperienceMaker
 from openrlhf_ditto.pairs import KINDS, PairSampler
 from openrlhf_ditto.store import SampleStore
@@ -496,3 +498,89 @@ def _summary(out: Path, args: SimpleNamespace, status: dict[str, str]) -> None:
     text = "\n".join(lines) + "\n"
     _write(out / "summary.md", text)
     print(text)
+
+
+def evaluate_users(args: SimpleNamespace) -> Path:
+    """`openrlhf-ditto eval` of a multi-user run: `evaluate` of each user (their folder reads as a single-user run) on
+    their own held-out prompts, then the paper's per-author table, a row per user and their average. --data.dataset is
+    a folder of held-out files named by user id, or one file with the user column (--data.user_key, default: the
+    run's). Returns the table's path (OUT/report.md; each user's own report is OUT/users/<id>/report.md)."""
+    run = Path(args.run)
+    config = json.loads((run / "run_config.json").read_text())
+    out = Path(args.output_dir or run / "eval")
+    path, key = Path(args.data.dataset), args.data.user_key or config["data"]["user_key"]
+    if key:
+        held_out: dict[str, list[dict]] = {}
+        for i, record in enumerate(read_records(path, "--data.dataset (held-out)")):
+            if key not in record:
+                raise ValueError(
+                    f"--data.dataset (held-out): {path}, record {i}: no user key {key!r} (--data.user_key)"
+                )
+            held_out.setdefault(str(record[key]), []).append(record)
+        files = {}
+        for uid, records in held_out.items():
+            files[uid] = out / "users" / uid / "held_out.jsonl"
+            files[uid].parent.mkdir(parents=True, exist_ok=True)
+            _write(files[uid], _jsonl(records))
+    elif path.is_dir():
+        files = {f.stem: f for f in sorted(path.iterdir()) if f.suffix.lower() in DEMO_FILES}
+    else:
+        raise ValueError(
+            f"--data.dataset {path}: a multi-user run's held-out prompts are a folder of files named by user id, or "
+            "one file with a user column (--data.user_key)"
+        )
+    finished = {p.parent.name for p in (run / "users").glob("*/final")}
+    unknown = sorted(set(files) - finished)
+    if unknown:
+        raise ValueError(f"--data.dataset {path}: users {unknown} have no finished DITTO run in {run}/users")
+    results = {}
+    for uid in sorted(files):
+        user = copy.deepcopy(args)
+        user.run, user.data.dataset, user.output_dir = run / "users" / uid, files[uid], out / "users" / uid
+        user.data.user_key = None
+        print(f"\n# user {uid}")
+        evaluate(user)
+        results[uid] = json.loads((out / "users" / uid / "results.json").read_text())
+
+    names = list(next(iter(results.values()))["conditions"])
+    if "ditto" in names:  # the paper's table: DITTO's win rate against each baseline
+        columns = [
+            (f"DITTO vs {b}", lambda r, b=b: r["matrix"]["ditto"][b] and r["matrix"]["ditto"][b][0])
+            for b in names
+            if b != "ditto"
+        ]
+    else:  # each condition's mean win rate over the others
+        columns = [(c, lambda r, c=c: r["mean"][c]) for c in names]
+    rows = {uid: [cell(r) for _, cell in columns] for uid, r in results.items()}
+    average = []
+    for j in range(len(columns)):
+        values = [row[j] for row in rows.values() if row[j] is not None]
+        average.append(sum(values) / len(values) if values else None)
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        f"# DITTO eval, many users: {run}",
+        "",
+        f"Held-out prompts `{path}`, judge `{next(iter(results.values()))['judge']}`; each user's own report (matrix, "
+        "intervals, per prompt) is users/<id>/report.md.",
+        "",
+        "| user | " + " | ".join(name for name, _ in columns) + " |",
+        "| --- " * (len(columns) + 1) + "|",
+        *(f"| {uid} | " + " | ".join(pct(x) for x in row) + " |" for uid, row in rows.items()),
+        "| **average** | " + " | ".join(pct(x) for x in average) + " |",
+    ]
+    missing = sorted(finished - set(files))
+    if missing:
+        lines += ["", f"Not evaluated (no held-out prompts): {', '.join(missing)}."]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "report.md", text)
+    table = {uid: dict(zip([name for name, _ in columns], row)) for uid, row in rows.items()}
+    _write(
+        out / "results.json",
+        json.dumps({"users": table, "average": dict(zip([n for n, _ in columns], average))}, indent=1),
+    )
+    print("\n" + text)
+    return out / "report.md"

