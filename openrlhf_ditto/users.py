@@ -356,7 +356,8 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
             "local Hugging Face model folder"
         ) from e
     users = load_users(args, tokenizer)
-    status = {uid: _status(out / "users" / uid, records) for uid, (records, _) in users.items()}
+    # --overwrite: the old run goes when the folder is claimed, so everyone is new
+    status = {uid: "new" if args.overwrite else _status(out / "users" / uid, rows) for uid, (rows, _) in users.items()}
     todo = [uid for uid in users if status[uid] != "finished"]
     if not todo:
         print(f"all {len(users)} users of {args.data.dataset} are finished; nothing to train")

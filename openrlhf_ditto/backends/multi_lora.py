@@ -5,8 +5,9 @@ A user's pi_0 is the base plus their SFT adapter (frozen after the warm start: t
 is the base plus that adapter plus their DITTO adapter, stacked (peft sums the active adapters' outputs). A single-user
 run merges the SFT adapter into the base instead, which a shared base cannot do; the two differ only in the order of
 float additions (see README, "Many users"). `use(uid)` makes a user current: every LocalBackend method then acts on
-that user's adapters, optimiser and lr schedule. Each user has an optimiser of their own: AdamW moves weights whose
-gradient is zero through its moments, so one optimiser over every user's adapter would move users who did not train.
+that user's adapters, optimiser and lr schedule. Each user has an optimiser and schedule of their own: one schedule
+for all would warm up N times too fast, and an optimiser that keeps zero gradients for idle weights (DeepSpeed's
+does) moves them through its moments.
 
 Rollouts: our sampler, one user at a time (a user's rows share their adapters); or one vLLM engine with LoRA enabled
 and every user's policy as one adapter (`combined_adapter`), all users in one `generate` call, each adapter reloaded
