@@ -26,8 +26,8 @@ from openrlhf_ditto.models import smollm2_path
 
 FLAGS = [
     "--data.apply_chat_template", "--data.max_len", "256", "--rollout.max_new_tokens", "32",
-    "--rollout.n_samples_per_prompt", "4", "--ditto.sft_steps", "10", "--ditto.sft_lr", "1e-3",
-    "--ditto.sft_stop_loss", "2.0", "--ditto.iterations", "2", "--ditto.resample_every", "4",
+    "--rollout.n_samples_per_prompt", "4", "--ditto.sft_steps", "5", "--ditto.sft_lr", "1e-3",
+    "--ditto.sft_stop_loss", "2.0", "--ditto.iterations", "2", "--ditto.resample_every", "2",
     "--actor.adam.lr", "3e-4", "--train.batch_size", "8", "--train.micro_batch_size", "8",
     "--ds.lora.rank", "16", "--ds.lora.alpha", "32",
 ]  # fmt: skip
@@ -94,7 +94,7 @@ def main() -> None:
 
     one_user = rows[0][1][0] if rows[0][0] == 1 else None
     quick = "quick run, " if args.quick else ""
-    print(f"\n{quick}model {model}, --rollout.engine {args.engine}, flags {' '.join(FLAGS)}")
+    print(f"\n{quick}openrlhf-ditto train {' '.join(flags)}")
     print("\n| users | one job (s) | separate runs (s) | job / runs | job / one user's job | peak memory: job (GB) "
           "| peak memory: one run (GB) |")  # fmt: skip
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -51,6 +51,7 @@ from openrlhf_ditto.trainer import (
     _on_sigterm,
     check_run_folder,
     claim_run_folder,
+    load_tokenizer,
     run_config,
     sft_warm_start,
     stop_if_not_finite,
@@ -338,8 +339,6 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
     (reported at the end, exit code 1); Ctrl-C, SIGTERM or a failed write stop the job, every user keeping their last
     checkpoint, and --resume continues each from theirs.
     """
-    from transformers import AutoTokenizer
-
     if args.ds.lora.rank < 1:
         raise ValueError("many users share one base model through their LoRA adapters: --ds.lora.rank must be >= 1")
     if args.ditto.extra_pairs:
@@ -348,14 +347,7 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
     out = Path(args.ckpt.output_dir)
     if args.resume and (out / "run_config.json").exists() and not (out / "users").is_dir():
         raise RunFolderError(f"{out} holds a single-user run; --data.users needs a run folder of its own")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.actor.model_name_or_path)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"cannot load a tokenizer from --actor.model_name_or_path {args.actor.model_name_or_path} ({e}); give a "
-            "local Hugging Face model folder"
-        ) from e
-    users = load_users(args, tokenizer)
+    users = load_users(args, load_tokenizer(args))
     # --overwrite: the old run goes when the folder is claimed, so everyone is new
     status = {uid: "new" if args.overwrite else _status(out / "users" / uid, rows) for uid, (rows, _) in users.items()}
     todo = [uid for uid in users if status[uid] != "finished"]
@@ -395,7 +387,7 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
                     stop_if_not_finite(stats, f"{where}, sampling", "broken reference weights, or an overflow")
                     u.log.scalars("samples", stats, u.state["global_step"])
             active = [u for u in active if u.id not in stopped]
-            step_bar = tqdm(range(args.ditto.resample_every), desc=f"DITTO, {len(active)} users")
+            step_bar = tqdm(range(args.ditto.resample_every), desc=f"DITTO, {len(active)} user(s)")
             for _ in step_bar:
                 for u in active:
                     if u.id in stopped:
