@@ -206,6 +206,16 @@ def test_a_broken_user_file_is_named_and_nothing_starts(tiny_model_path, multi_r
         main(users_argv(tiny_model_path, users, finished, "--resume"))
     assert "user ids ['erin.v2']" in capsys.readouterr().err
 
+    # new demos for a user who has not finished: refused, nothing touched
+    (users / "erin.v2.jsonl").unlink()
+    shutil.rmtree(finished / "users" / "bob" / "final")
+    write_users(users, {"bob": USERS["bob"][:1]})
+    before = files_of(finished)
+    with pytest.raises(SystemExit):
+        main(users_argv(tiny_model_path, users, finished, "--resume"))
+    assert "user bob: their demos changed while their run was unfinished" in capsys.readouterr().err
+    assert files_of(finished) == before
+
 
 @pytest.mark.slow
 def test_a_new_user_or_new_demos_train_only_that_user(tiny_model_path, multi_run, tmp_path):
