@@ -14,7 +14,7 @@ queries of concurrent requests are gathered (up to --batch_size, --batch_wait_ms
 import asyncio
 import json
 import logging
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,7 +32,8 @@ logger = logging.getLogger("uvicorn.error")  # uvicorn's own log, so that our li
 
 class DittoReward:
     """The two log-prob passes and the reward's shape. `policy` is a Hugging Face folder, or a PEFT adapter folder
-    trained on top of `reference`: then one copy of the weights serves both, the reference with the adapter off."""
+    trained on top of `reference`: then one copy of the weights serves both, the reference with the adapter off. For
+    a user of a multi-user run both are adapters of one base model, which holds the two."""
 
     def __init__(
         self,
@@ -49,15 +50,23 @@ class DittoReward:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(reference)
-            self.policy = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype).to(self.device).eval()
-            self.reference = None  # None: the reference is self.policy with its adapter disabled
-            if (Path(policy) / "adapter_config.json").exists():
+            self.reference = None  # None: self.policy computes the reference too (`_as_reference`)
+            if (Path(reference) / "adapter_config.json").exists():  # a multi-user run's user
                 from peft import PeftModel
 
-                self.policy = PeftModel.from_pretrained(self.policy, policy).eval()
+                base = json.loads((Path(reference) / "adapter_config.json").read_text())["base_model_name_or_path"]
+                model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(self.device)
+                self.policy = PeftModel.from_pretrained(model, policy, adapter_name="policy").eval()
+                self.policy.load_adapter(reference, adapter_name="reference")
             else:
-                self.reference = self.policy
-                self.policy = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(self.device).eval()
+                self.policy = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype).to(self.device).eval()
+                if (Path(policy) / "adapter_config.json").exists():
+                    from peft import PeftModel
+
+                    self.policy = PeftModel.from_pretrained(self.policy, policy).eval()
+                else:
+                    self.reference = self.policy
+                    self.policy = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(self.device).eval()
         except (OSError, ValueError) as e:
             raise FileNotFoundError(
                 f"cannot load the policy {policy} and its reference {reference} ({e}); --policy and --reference take "
@@ -68,6 +77,20 @@ class DittoReward:
         self.beta, self.length_normalize, self.scale, self.offset = beta, length_normalize, scale, offset
         self.clip_range = clip_range
         self.max_len = max_len
+
+    @contextmanager
+    def _as_reference(self):
+        """self.policy as the reference: its adapter off (pi_0 is the model under it), or a multi-user run's user's
+        reference adapter on in place of their policy adapter."""
+        if "reference" not in self.policy.peft_config:
+            with self.policy.disable_adapter():
+                yield
+            return
+        self.policy.set_adapter("reference")
+        try:
+            yield
+        finally:
+            self.policy.set_adapter("policy")
 
     def tokenize(self, queries: list[str], prompts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, response ids) per query, the rollout's own tokens. OpenRLHF tokenizes the prompt for vLLM
@@ -121,7 +144,7 @@ class DittoReward:
         batch = batch.to(self.device)
         logratio = sequence_logps(self.policy, batch)
         if self.reference is None:
-            with self.policy.disable_adapter():
+            with self._as_reference():
                 logratio -= sequence_logps(self.policy, batch)
         else:
             logratio -= sequence_logps(self.reference, batch)
@@ -141,6 +164,11 @@ def load_reward(args: SimpleNamespace) -> DittoReward:
         if args.policy or args.reference:
             raise ValueError("give either --run or --policy and --reference, not both")
         run = Path(args.run)
+        if (run / "users").is_dir():
+            users = ", ".join(sorted(p.name for p in (run / "users").iterdir()))
+            raise FileNotFoundError(
+                f"--run {run} holds many users' runs ({users}); serve one user's reward with --run {run}/users/<id>"
+            )
         if not (run / "run_config.json").exists():
             raise FileNotFoundError(
                 f"--run {run} holds no DITTO run (no run_config.json); give the --ckpt.output_dir of "

