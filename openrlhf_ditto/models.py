@@ -22,6 +22,25 @@ def eos_token_ids(model_path: str | os.PathLike, tokenizer) -> set[int]:
     return {int(i) for i in ids | {tokenizer.eos_token_id} if i is not None}
 
 
+def check_causal_lm(path: str | os.PathLike, flag: str) -> None:
+    """Refuse a model folder that holds no language-model head (a reward or classification model, a bare base
+    model): AutoModelForCausalLM would load it with a new, random head and every sample would be noise. A folder
+    without a readable config is left to the loader, whose error says what is missing."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except (OSError, ValueError):
+        return
+    if architectures and not any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures
+    ):
+        raise ValueError(
+            f"{flag} {path} holds a {architectures[0]}, which has no language-model head: give a causal LM (a chat "
+            "or base model, *ForCausalLM in its config.json)"
+        )
+
+
 def save_pretrained(model, folder: str | os.PathLike) -> None:
     """`model.save_pretrained(folder)` (a transformers or peft model), minus the DeepSpeed import it makes: it asks
     accelerate to unwrap DeepSpeed engines, and accelerate imports DeepSpeed to do so whenever it is installed

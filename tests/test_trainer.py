@@ -132,7 +132,9 @@ def test_impossible_settings(tiny_model_path, demos_file, tmp_path, capsys, flag
 def test_output_dir_of_another_run_is_refused(tiny_model_path, demos_file, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run_config.json").write_text(json.dumps({"model": "another"}))
+    (out / "run_config.json").write_text(
+        json.dumps({"actor": {"model_name_or_path": "another"}, "data": {}, "ditto": {}})
+    )
     (out / "precious.txt").write_text("keep me")
     msg = error_of(cli_args(tiny_model_path, demos_file, out), capsys)
     assert "--resume" in msg and "--overwrite" in msg

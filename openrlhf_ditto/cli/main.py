@@ -3,17 +3,15 @@
 (DITTO's pairs for OpenRLHF DPO)."""
 
 import argparse
-import sys
+import math
 
 from openrlhf_ditto import __version__
-from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
+from openrlhf_ditto.cli.args import Parser, add_ditto_args, check_ranges, exit_codes, hierarchize, validate
 from openrlhf_ditto.pairs import KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="openrlhf-ditto", description="DITTO: align a language model to a handful of demonstrations."
-    )
+    parser = Parser(prog="openrlhf-ditto", description="DITTO: align a language model to a handful of demonstrations.")
     parser.add_argument("--version", action="version", version=f"openrlhf-ditto {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,quickstart,eval,serve-reward,export-pairs}")
     train = sub.add_parser("train", help="run DITTO on one machine (CPU or one GPU)", description=__doc__)
@@ -35,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export = sub.add_parser("export-pairs", help="write DITTO's ranked pairs as OpenRLHF train_dpo records (JSONL)")
     export.add_argument("run", help="the run folder (--ckpt.output_dir of `openrlhf-ditto train`)")
-    export.add_argument("--out", required=True, help="the JSONL file to write")
+    export.add_argument("--out", required=True, help="the JSONL file to write (outside any run folder)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.add_argument("--num", type=int, default=None, help="pairs to draw (default: as many as the run trained on)")
     export.add_argument(
         "--kinds",
@@ -48,12 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_export(ns: argparse.Namespace) -> None:
+    check_ranges(
+        [
+            ("--num", ns.num, ">= 1", "default: as many as the run trained on"),
+            ("--seed", ns.seed, ">= 0", "default: 42"),
+        ]
+    )
+
+
 def _mix_entry(text: str) -> tuple[str, float]:
     url, _, weight = text.rpartition("=")
     try:
-        return url, float(weight)
+        value = float(weight)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not URL=WEIGHT, e.g. http://rm:5000/get_reward=1.0") from None
+        value = math.nan
+    if not url.startswith(("http://", "https://")) or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not URL=WEIGHT, e.g. http://rm:5000/get_reward=1.0")
+    return url, value
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +130,25 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--judge.batch_size", type=int, default=8, help="local: judgments per forward (default: 8)")
 
 
+def validate_eval(args) -> None:
+    r, j = args.rollout, args.judge
+    check_ranges(
+        [
+            ("--seed", args.seed, ">= 0", "default: 42"),
+            ("--few_shot.k", args.few_shot.k, ">= 1", "default: all the run's demos"),
+            ("--rollout.n_samples_per_prompt", r.n_samples_per_prompt, ">= 1", "paper: 3"),
+            ("--rollout.max_new_tokens", r.max_new_tokens, ">= 1", "default: the run's"),
+            ("--rollout.temperature", r.temperature, "> 0", "paper: 1.0"),
+            ("--rollout.top_p", r.top_p, "(0, 1]", "default: 1.0"),
+            ("--rollout.batch_size", r.batch_size, ">= 1", "default: 8"),
+            ("--judge.concurrency", j.concurrency, ">= 1", "default: 8"),
+            ("--judge.timeout", j.timeout, "> 0", "default: 60"),
+            ("--judge.retries", j.retries, ">= 0", "default: 4"),
+            ("--judge.batch_size", j.batch_size, ">= 1", "default: 8"),
+        ]
+    )
+
+
 def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models: a finished DITTO run, or a policy and its reference")
     g.add_argument(
@@ -168,6 +198,24 @@ def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def validate_serve_reward(args) -> None:
+    check_ranges(
+        [
+            ("--beta", args.beta, "> 0", "default with --run: the run's --ditto.beta"),
+            ("--scale", args.scale, "> 0", "default: 1"),
+            ("--offset", args.offset, "finite", "default: 0"),
+            *(("--clip_range", x, "finite", "LOW HIGH") for x in args.clip_range or ()),
+            ("--data.max_len", args.data.max_len, ">= 2", "default: the run's --data.max_len, else 2048"),
+            ("--port", args.port, "[1, 65535]", "default: 5000"),
+            ("--batch_size", args.batch_size, ">= 1", "default: 32"),
+            ("--batch_wait_ms", args.batch_wait_ms, ">= 0", "default: 5"),
+        ]
+    )
+    if args.clip_range and not args.clip_range[0] < args.clip_range[1]:
+        low, high = args.clip_range
+        raise ValueError(f"--clip_range {low:g} {high:g}: LOW must be below HIGH")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -176,10 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from transformers.utils import logging as hf_logging
 
-    from openrlhf_ditto.trainer import RunFolderError, RunStopped
-
     hf_logging.disable_progress_bar()  # a bar per model load and save; ours say what the run is doing
-    try:
+    with exit_codes():
         if ns.command == "train":
             from openrlhf_ditto.backends.local import LocalBackend
             from openrlhf_ditto.trainer import train
@@ -197,15 +243,20 @@ def main(argv: list[str] | None = None) -> None:
         elif ns.command == "eval":
             from openrlhf_ditto.evaluate import evaluate
 
-            print(f"report: {evaluate(hierarchize(ns))}")
+            args = hierarchize(ns)
+            validate_eval(args)
+            print(f"report: {evaluate(args)}")
         elif ns.command == "serve-reward":
             from openrlhf_ditto.reward import serve
 
-            serve(hierarchize(ns))
+            args = hierarchize(ns)
+            validate_serve_reward(args)
+            serve(args)
         elif ns.command == "export-pairs":
             from openrlhf_ditto.export import export_pairs
 
-            counts, changed = export_pairs(ns.run, ns.out, ns.num, ns.kinds, ns.seed)
+            validate_export(ns)
+            counts, changed = export_pairs(ns.run, ns.out, ns.num, ns.kinds, ns.seed, ns.overwrite)
             print(
                 f"wrote {sum(counts.values())} pairs ({', '.join(f'{k} {counts[k]}' for k in KINDS if counts[k])}) to "
                 f"{ns.out}; train on them with python -m openrlhf.cli.train_dpo --data.dataset {ns.out} "
@@ -217,15 +268,6 @@ def main(argv: list[str] | None = None) -> None:
                     "own tokens (a sample cut inside a character, or tokens the tokenizer merges otherwise): "
                     "train_dpo trains on their text's tokens"
                 )
-    except (RunFolderError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RunStopped as e:
-        print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:  # before the run began (nothing written yet), or a second Ctrl-C while stopping
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
