@@ -222,6 +222,11 @@ def evaluate(args: SimpleNamespace) -> Path:
             setattr(args.data, key, config["data"][key])
     r = args.rollout
     r.max_new_tokens = r.max_new_tokens or config["rollout"]["max_new_tokens"]
+    if r.max_new_tokens >= config["data"]["max_len"]:
+        raise ValueError(
+            f"--rollout.max_new_tokens {r.max_new_tokens} leaves no room for the prompt in the run's --data.max_len "
+            f"{config['data']['max_len']}; give fewer"
+        )
     judge_id, api_key = _judge_settings(args)
     models = conditions(args.conditions, run, config["actor"]["model_name_or_path"])
     # every prompt rendered and checked before any model is loaded: a bad file stops the eval at once

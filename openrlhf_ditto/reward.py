@@ -65,10 +65,14 @@ class DittoReward:
             else:
                 self.reference = self.policy
                 self.policy = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(self.device).eval()
-        except (OSError, ValueError) as e:
+                vocab = [m.get_input_embeddings().num_embeddings for m in (self.policy, self.reference)]
+                if vocab[0] != vocab[1]:  # the queries are tokenized once, for both
+                    raise ValueError(f"their vocabularies differ ({vocab[0]} and {vocab[1]} tokens)")
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: an adapter of another model's shapes
             raise FileNotFoundError(
-                f"cannot load the policy {policy} and its reference {reference} ({e}); --policy and --reference take "
-                "Hugging Face model folders (--policy may also be a PEFT adapter trained on --reference)"
+                f"cannot load the policy {policy} and its reference {reference} ({str(e).splitlines()[0]}); --policy "
+                "and --reference take Hugging Face model folders (--policy may also be a PEFT adapter trained on "
+                "--reference)"
             ) from e
         tokenizer = self.tokenizer
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_ditto.demos import load_demos, load_preference_pairs
 from openrlhf_ditto.experience import DittoExperienceMaker
-from openrlhf_ditto.models import check_causal_lm, eos_token_ids
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets, eos_token_ids
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
 from openrlhf_ditto.store import SampleStore, read_json
 
@@ -213,7 +213,12 @@ def check_run_folder(args: SimpleNamespace) -> Path | None:
 
 def claim_run_folder(args: SimpleNamespace) -> None:
     """Make --ckpt.output_dir this run's (--overwrite deletes what it held): only once everything checked out."""
-    out = Path(args.ckpt.output_dir)
+    out, tensorboard = Path(args.ckpt.output_dir), args.logger.tensorboard_dir
+    try:  # first: a folder it cannot write stops the start before the run folder is touched
+        if tensorboard:
+            Path(tensorboard).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"cannot write --logger.tensorboard_dir {tensorboard}: {e}") from None
     try:
         if args.overwrite and out.exists():
             shutil.rmtree(out)
@@ -332,6 +337,8 @@ def train(args: SimpleNamespace, make_backend) -> Path:
             "give a local Hugging Face model folder (config.json, weights, tokenizer files)"
         ) from e
     check_causal_lm(args.actor.model_name_or_path, "--actor.model_name_or_path")
+    if args.ds.lora.rank > 0:
+        check_lora_targets(args.actor.model_name_or_path, args.ds.lora.target_modules)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     store = demos_and_store(args, tokenizer)
     reference = out / "reference"

@@ -325,6 +325,7 @@ def test_bad_input_is_one_line_naming_the_flag(run_dir, held_out, tiny_model_pat
         (["--conditions", "ditto", *local], "give at least two"),
         (["--conditions", "ditto", "mine=/nowhere", *local], "'mine=/nowhere' is not NAME=HF_FOLDER"),
         (["--rollout.n_samples_per_prompt", "0", *local], "--rollout.n_samples_per_prompt 0: must be >= 1"),
+        (["--rollout.max_new_tokens", "200", *local], "leaves no room for the prompt in the run's --data.max_len 200"),
         ([], "--judge openai at https://api.openai.com/v1 needs OPENAI_API_KEY"),
         (["--judge", "local"], "--judge local needs --judge.model"),
         (["--data.input_key", "question", *local], "no key 'question'"),

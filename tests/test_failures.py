@@ -545,6 +545,11 @@ TRAIN_RANGES = [  # every numeric flag of `train`, each just outside its range
     (["--actor.lr_scheduler", "sideways"], "--actor.lr_scheduler sideways: sideways is not a valid SchedulerType"),
     (["--ditto.sft_lr_scheduler", "reduce_lr_on_plateau"], "--ditto.sft_lr_scheduler reduce_lr_on_plateau: "),
     (["--ditto.beta", "x"], "argument --ditto.beta: invalid float value: 'x' (see openrlhf-ditto train --help)"),
+    (
+        ["--data.input_template", "Q: {question}"],
+        "--data.input_template 'Q: {question}': put {} where the prompt goes",
+    ),
+    (["--data.input_template", "Q:"], "--data.input_template 'Q:': put {} where the prompt goes, once"),
 ]
 
 
@@ -570,6 +575,7 @@ def test_train_refuses_every_number_out_of_range(tmp_path, capsys, flags, messag
         (["--ds.zpg", "0"], "--ds.zpg 0: must be >= 1"),
         (["--actor.adam.eps", "0"], "--actor.adam.eps 0: must be > 0"),
         (["--actor.min_lr_ratio", "2"], "--actor.min_lr_ratio 2: must be in [0, 1]"),
+        (["--vllm.sync_backend", "mpi"], "--vllm.sync_backend mpi: give nccl (GPUs) or gloo"),
     ],
     ids=lambda x: " ".join(x) if isinstance(x, list) else "",
 )
@@ -597,6 +603,8 @@ def test_train_ditto_ray_refuses_every_number_out_of_range(tmp_path, capsys, fla
         (["--judge.timeout", "0"], "--judge.timeout 0: must be > 0"),
         (["--judge.retries", "-1"], "--judge.retries -1: must be >= 0"),
         (["--judge.batch_size", "0"], "--judge.batch_size 0: must be >= 1"),
+        (["--judge.url", "judge-host:8000/v1"], "--judge.url judge-host:8000/v1: give the API's base URL"),
+        (["--data.input_template", "{}{}"], "--data.input_template '{}{}': put {} where the prompt goes, once"),
     ],
     ids=lambda x: " ".join(x) if isinstance(x, list) else "",
 )
@@ -684,7 +692,27 @@ def test_output_paths_that_are_files_are_refused(tiny_model_path, demos_file, tm
     )
     argv = cli_args(tiny_model_path, demos_file, tmp_path / "run", "--logger.tensorboard_dir", str(a_file))
     assert refused(main, argv, capsys) == f"--logger.tensorboard_dir {a_file} is a file; give a folder"
+    argv = cli_args(tiny_model_path, demos_file, tmp_path / "run", "--logger.tensorboard_dir", "/proc/ditto-logs")
+    argv += ["--rollout.max_new_tokens", "48"]  # no demo cut: no warning before the error
+    assert refused(main, argv, capsys).startswith("cannot write --logger.tensorboard_dir /proc/ditto-logs: ")
     assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_lora_targets_that_name_no_module_are_refused_before_anything_starts(
+    tiny_model_path, demos_file, tmp_path, capsys
+):
+    """peft said so without naming the flag (local), or in every Ray actor once the weights were loaded."""
+    from openrlhf_ditto.cli.train_ditto_ray import main as ray_main
+
+    out = tmp_path / "run"
+    message = f"--ds.lora.target_modules q_proj qkv: no module qkv in {tiny_model_path}, whose linear layers are "
+    argv = cli_args(tiny_model_path, demos_file, out, "--ds.lora.target_modules", "q_proj", "qkv")
+    assert refused(main, argv, capsys).startswith(message)
+    ray = ["--actor.model_name_or_path", str(tiny_model_path), "--data.dataset", str(demos_file), "--dry_run"]
+    ray += ["--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "1"]
+    ray += ["--ckpt.output_dir", str(out), "--ds.lora.target_modules", "q_proj", "qkv"]
+    assert refused(ray_main, ray, capsys).startswith(message)
+    assert not out.exists()
 
 
 def test_a_model_without_a_language_model_head_is_refused(reward_model, demos_file, tmp_path, capsys):

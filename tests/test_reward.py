@@ -386,3 +386,19 @@ def test_a_taken_port_is_refused_before_the_models_load(run_dir, capsys, monkeyp
         port = taken.getsockname()[1]
         msg = error_of(["serve-reward", "--run", str(run_dir), "--host", "127.0.0.1", "--port", str(port)], capsys)
     assert msg.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen there (") and msg.count("\n") == 1
+
+
+def test_an_adapter_of_another_model_is_one_line(run_dir, tiny_model_path, tmp_path, capsys):
+    """An adapter on a reference of other shapes used to end in a traceback of size mismatches."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    other = tmp_path / "other"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    argv = ["serve-reward", "--policy", str(run_dir / "final" / "adapter"), "--reference", str(other), "--beta", "1"]
+    msg = error_of([*argv, "--port", str(free_port())], capsys)
+    assert msg.startswith(f"error: cannot load the policy {run_dir / 'final' / 'adapter'} and its reference {other}")
+    assert msg.count("\n") == 1

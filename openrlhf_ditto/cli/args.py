@@ -255,6 +255,20 @@ def check_ranges(rows: list[tuple[str, float | None, str, str]]) -> None:
             raise ValueError(f"{flag} {shown}: must be {'in ' if valid[0] in '[(' else ''}{valid} ({hint})")
 
 
+def check_input_template(template: str | None) -> None:
+    """--data.input_template places the prompt at its one "{}" (str.format): without one every prompt would render
+    the same text, and other fields ("{question}") fail in the middle of loading the demos."""
+    try:
+        ok = template is None or template.format("\0").count("\0") == 1
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"--data.input_template {template!r}: put {{}} where the prompt goes, once, e.g. "
+            '"User: {}\\nAssistant: " (and write other braces twice: {{ and }})'
+        )
+
+
 def validate(args: SimpleNamespace) -> None:
     """Refuse impossible settings before any work starts, naming the flag and its valid range (ValueError)."""
     a, d, r, t, lora = args.actor, args.ditto, args.rollout, args.train, args.ds.lora
@@ -288,6 +302,7 @@ def validate(args: SimpleNamespace) -> None:
             ("--ckpt.max_num", args.ckpt.max_num, ">= 1", "default: 3"),
         ]
     )
+    check_input_template(args.data.input_template)
     f = d.pair_fractions
     if len(f) not in (3, 4) or not all(0 <= x <= 1 for x in f) or abs(sum(f) - 1) > 1e-6:
         raise ValueError(

@@ -6,7 +6,15 @@ import argparse
 import math
 
 from openrlhf_ditto import __version__
-from openrlhf_ditto.cli.args import Parser, add_ditto_args, check_ranges, exit_codes, hierarchize, validate
+from openrlhf_ditto.cli.args import (
+    Parser,
+    add_ditto_args,
+    check_input_template,
+    check_ranges,
+    exit_codes,
+    hierarchize,
+    validate,
+)
 from openrlhf_ditto.pairs import KINDS
 
 
@@ -147,6 +155,9 @@ def validate_eval(args) -> None:
             ("--judge.batch_size", j.batch_size, ">= 1", "default: 8"),
         ]
     )
+    check_input_template(args.data.input_template)
+    if j.url is not None and not j.url.startswith(("http://", "https://")):
+        raise ValueError(f"--judge.url {j.url}: give the API's base URL, e.g. http://judge-host:8000/v1")
 
 
 def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:

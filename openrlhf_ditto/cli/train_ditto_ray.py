@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from openrlhf_ditto.cli.args import Parser, add_ditto_args, check_ranges, exit_codes, hierarchize, validate
-from openrlhf_ditto.models import check_causal_lm
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +114,8 @@ def validate_ray(args) -> None:
             ("--actor.min_lr_ratio", args.actor.min_lr_ratio, "[0, 1]", "default: 0.1"),
         ]
     )
+    if args.vllm.sync_backend not in ("nccl", "gloo"):
+        raise ValueError(f"--vllm.sync_backend {args.vllm.sync_backend}: give nccl (GPUs) or gloo")
     if args.ditto.sft_steps != 0:
         raise ValueError(
             "train_ditto_ray starts from an SFT checkpoint: run openrlhf.cli.train_sft on the demos "
@@ -281,6 +283,8 @@ def dry_run(args) -> None:
 
     model = Path(args.actor.model_name_or_path)
     check_run_folder(args)
+    if args.ds.lora.rank > 0:
+        check_lora_targets(model, args.ds.lora.target_modules)
     store = demos_and_store(args, AutoTokenizer.from_pretrained(model))
     try:
         installed = version("openrlhf")
