@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import DEMOS, cli_args, run
+from test_trainer import DEMOS, cli_args, refused, run
 
 from openrlhf_ditto.backends.local import LocalBackend
 from openrlhf_ditto.cli.args import hierarchize
@@ -497,15 +497,6 @@ def test_imports_run_one_way():
 
 
 # ------------------------------------------- 10. bad input of any kind: one line, exit code 2, nothing claimed
-
-
-def refused(main_fn, argv, capsys) -> str:
-    """The one line a refused command prints, exit code 2 (argparse's), without the "error: " prefix."""
-    with pytest.raises(SystemExit) as e:
-        main_fn(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err.removeprefix("error: ").strip()
 
 
 TRAIN_RANGES = [  # every numeric flag of `train`, each just outside its range

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_trainer import refused
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.sh"))
 
@@ -77,15 +78,6 @@ def test_grpo_recipe_commands(tiny_model_path, tmp_path, monkeypatch):
     assert args.reward.remote_url == [f"http://127.0.0.1:{served.port}/get_reward"]
     assert args.algo.advantage.estimator == "group_norm" and args.critic.model_name_or_path is None
     assert args.actor.model_name_or_path == str(tmp_path / "run" / "ditto" / "reference")  # pi_0
-
-
-def refused(main, argv, capsys) -> str:
-    """The one line a refused command prints (exit code 2)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 def test_dry_run_refuses_bad_settings(tiny_model_path, tmp_path, capsys):
