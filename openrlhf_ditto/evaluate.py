@@ -36,7 +36,8 @@ from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
 from openrlhf_ditto.judges import judge_local, judge_openai
-from openrlhf_ditto.models import eos_token_ids
+from openrlhf_ditto.models import check_causal_lm, eos_token_ids
+from openrlhf_ditto.trainer import RunStopped, read_run_config
 
 BUILT_IN = ("zero-shot", "few-shot", "sft", "ditto")
 OPENAI_URL = "https://api.openai.com/v1"
@@ -59,8 +60,12 @@ def conditions(entries: list[str] | None, run: Path, base: str) -> dict[str, str
                     f"--run {run} has no {sub}/ for the {name} condition: the run has not finished; finish it with "
                     f"`openrlhf-ditto train ... --resume`, or leave {name} out of --conditions"
                 )
-        elif not re.fullmatch(r"[\w.-]+", name) or not Path(folder).is_dir():
+        elif not re.fullmatch(r"[\w.-]+", name):
             raise ValueError(f"--conditions: {entry!r} is not NAME=HF_FOLDER (a name of letters, digits, . _ -)")
+        elif not (Path(folder) / "config.json").is_file():
+            raise ValueError(f"--conditions: {entry!r} is not NAME=HF_FOLDER: {folder} holds no config.json")
+        else:
+            check_causal_lm(folder, f"--conditions {name}:")
         if name in models:
             raise ValueError(f"--conditions: {name} is given twice")
         models[name] = folder
@@ -203,19 +208,12 @@ def _interval(per_prompt: list[list[float]], draws: int = 2000) -> tuple[float, 
 def _judge_settings(args: SimpleNamespace) -> tuple[str, str | None]:
     """The judge's identity in the cache, and the OpenAI API key (None for the local judge)."""
     j = args.judge
-    for flag, value, low in [
-        ("--judge.concurrency", j.concurrency, 1),
-        ("--judge.batch_size", j.batch_size, 1),
-        ("--judge.retries", j.retries, 0),
-        ("--judge.timeout", j.timeout, 1e-3),
-    ]:
-        if value < low:
-            raise ValueError(f"{flag} is {value}; it must be >= {low:g}")
     if j.kind == "local":
         if j.model is None or not Path(j.model).is_dir():
             raise FileNotFoundError(
                 f"--judge local needs --judge.model: a local Hugging Face chat model folder (got {j.model})"
             )
+        check_causal_lm(j.model, "--judge.model")
         return f"local {Path(j.model).resolve()}", None
     j.model, j.url = j.model or "gpt-4o", (j.url or OPENAI_URL).rstrip("/")
     key = os.environ.get("OPENAI_API_KEY")
@@ -235,27 +233,32 @@ def evaluate(args: SimpleNamespace) -> Path:
             f"--run {run} holds no DITTO run (no run_config.json); give the --ckpt.output_dir of "
             "`openrlhf-ditto train`"
         )
-    config = json.loads((run / "run_config.json").read_text())
+    config = read_run_config(run)
     for key in ("input_key", "output_key", "input_template", "apply_chat_template"):  # default: the run's rendering
         if getattr(args.data, key) is None:
             setattr(args.data, key, config["data"][key])
     r = args.rollout
     r.max_new_tokens = r.max_new_tokens or config["rollout"]["max_new_tokens"]
-    for flag, value in [
-        ("--rollout.n_samples_per_prompt", r.n_samples_per_prompt),
-        ("--rollout.max_new_tokens", r.max_new_tokens),
-        ("--rollout.batch_size", r.batch_size),
-        ("--few_shot.k", 1 if args.few_shot.k is None else args.few_shot.k),
-    ]:
-        if value < 1:
-            raise ValueError(f"{flag} is {value}; it must be >= 1")
+    if r.max_new_tokens >= config["data"]["max_len"]:
+        raise ValueError(
+            f"--rollout.max_new_tokens {r.max_new_tokens} leaves no room for the prompt in the run's --data.max_len "
+            f"{config['data']['max_len']}; give fewer"
+        )
     judge_id, api_key = _judge_settings(args)
     models = conditions(args.conditions, run, config["actor"]["model_name_or_path"])
     # every prompt rendered and checked before any model is loaded: a bad file stops the eval at once
     records = read_records(args.data.dataset, "--data.dataset (held-out)")
     rendered = {name: _render(args, config, records, name, folder) for name, folder in models.items()}
     out = Path(args.output_dir or run / "eval")
-    (out / "generations").mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "generations").is_dir()):
+        raise ValueError(
+            f"--output_dir {out} is a file or a folder of other files; give an empty folder, or an earlier eval's "
+            "to continue it"
+        )
+    try:
+        (out / "generations").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write --output_dir {out} ({e})") from None
 
     sampling = dict(
         n=r.n_samples_per_prompt,
@@ -325,6 +328,15 @@ def evaluate(args: SimpleNamespace) -> Path:
     report = _report(results, questions, errors)
     (out / "report.md").write_text(report)
     print(report.split("\n## Per prompt")[0])
+    if left_out == len(slots) or "ditto" in names and not any(matrix["ditto"][b] for b in names if b != "ditto"):
+        j = results["judgments"]
+        raise RunStopped(
+            f"no comparison{' of ditto' if left_out < len(slots) else ''} was judged: of {j['total']} judgments, "
+            f"{j.get('failed', 0)} failed and {j.get('unparsable', 0)} were unparsable (the first: "
+            f"{errors[0][:200]!r}), so the report has nothing to compare. Fix the judge or choose another "
+            "(--judge.url, --judge.model) and run the same command again: failed judgments are asked again, "
+            "unparsable answers are kept for this judge"
+        )
     return out / "report.md"
 
 

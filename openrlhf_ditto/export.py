@@ -13,6 +13,7 @@ Re-rendering chat messages instead would not round-trip: the run stores token id
 rewrite contents.
 """
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from openrlhf_ditto.pairs import KINDS, PairSampler
 from openrlhf_ditto.store import SampleStore
+from openrlhf_ditto.trainer import read_run_config
 
 
 def export_pairs(
@@ -28,10 +30,12 @@ def export_pairs(
     num: int | None = None,
     kinds: list[str] | None = None,
     seed: int = 42,
+    overwrite: bool = False,
 ) -> tuple[Counter, int, int]:
     """Write `num` drawn pairs of `kinds` (default: as many as the run trained on, of every kind) to `out`
-    (JSONL). Returns the count per kind, how many of the written responses train_dpo will train on other tokens
-    than the run's, and the --data.max_len to give train_dpo."""
+    (JSONL; an existing file only with `overwrite`, never inside a run folder). Returns the count per kind, how
+    many of the written responses train_dpo will train on other tokens than the run's, and the --data.max_len to
+    give train_dpo."""
     from transformers import AutoTokenizer
 
     run, out = Path(run), Path(out)
@@ -40,7 +44,17 @@ def export_pairs(
             f"{run} holds no DITTO run with stored samples (run_config.json, store/); give the --ckpt.output_dir "
             "of `openrlhf-ditto train`"
         )
-    config = json.loads((run / "run_config.json").read_text())
+    config = read_run_config(run)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the JSONL file to write, e.g. {out / 'pairs.jsonl'}")
+    inside = next((p for p in out.absolute().parents if (p / "run_config.json").is_file()), None)
+    if inside is not None:  # train --overwrite deletes the folder, and its files are the run's
+        raise ValueError(f"--out {out} lies in the DITTO run folder {inside}; write the pairs outside any run folder")
+    inputs = [config["data"]["dataset"], config["ditto"].get("extra_pairs")]
+    if out.exists() and any(path and Path(path).exists() and out.samefile(path) for path in inputs):
+        raise ValueError(f"--out {out} is the run's own --data.dataset or --ditto.extra_pairs; choose another --out")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
     store = SampleStore.load(run / "store")
     if store.num_iterations == 0:
         raise ValueError(f"{run} has no sampled iteration yet, so no pairs; let its first iteration finish")
@@ -53,8 +67,6 @@ def export_pairs(
         )
     if num is None:
         num = config["ditto"]["iterations"] * config["ditto"]["resample_every"] * config["train"]["batch_size"]
-    if num < 1:
-        raise ValueError(f"--num is {num}; it must be >= 1")
     sampler = PairSampler(store, tuple(s / sum(shares) for s in shares), seed=seed)
     # at iteration 0 every pair is online: the sampler gives the other shares to online pairs
     pairs = [p for p in sampler.sample(num) if KINDS[p.kind] in kinds]
@@ -80,10 +92,15 @@ def export_pairs(
         }
         for p in pairs
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        os.replace(tmp, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ValueError(f"cannot write --out {out} ({e})") from None
 
     # What train_dpo's RewardDataset makes of each row (openrlhf/datasets/reward_dataset.py): prompt + response,
     # trailing newlines stripped, " " + EOS appended unless the text ends with EOS, tokenized, cut to --data.max_len,

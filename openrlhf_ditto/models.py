@@ -25,6 +25,46 @@ def eos_token_ids(model_path: str | os.PathLike, tokenizer) -> set[int]:
     return {int(i) for i in ids | {tokenizer.eos_token_id, end_of_turn(tokenizer)} if i is not None}
 
 
+def check_causal_lm(path: str | os.PathLike, flag: str) -> None:
+    """Refuse a model folder that holds no language-model head (a reward or classification model, a bare base
+    model): AutoModelForCausalLM would load it with a new, random head and every sample would be noise. A folder
+    without a readable config is left to the loader, whose error says what is missing."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except (OSError, ValueError):
+        return
+    if architectures and not any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures
+    ):
+        raise ValueError(
+            f"{flag} {path} holds a {architectures[0]}, which has no language-model head: give a causal LM (a chat "
+            "or base model, *ForCausalLM in its config.json)"
+        )
+
+
+def check_lora_targets(path: str | os.PathLike, targets: list[str]) -> None:
+    """Refuse --ds.lora.target_modules that name no module of the model, from its config alone (an empty model on
+    the meta device): peft would say so only once the weights are loaded, on the Ray backend in every actor."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            modules = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).named_modules())
+    except (OSError, ValueError):  # the loader says what is wrong
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing or not targets:
+        linear = sorted({n.rpartition(".")[2] for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"--ds.lora.target_modules {' '.join(targets) or '(none)'}: "
+            f"{'no module ' + ', '.join(missing) if missing else 'give at least one module'} in {path}, whose linear "
+            f"layers are {' '.join(linear)} (paper: q_proj k_proj v_proj o_proj)"
+        )
+
+
 def save_pretrained(model, folder: str | os.PathLike) -> None:
     """`model.save_pretrained(folder)` (a transformers or peft model), minus the DeepSpeed import it makes: it asks
     accelerate to unwrap DeepSpeed engines, and accelerate imports DeepSpeed to do so whenever it is installed

@@ -14,6 +14,7 @@ queries of concurrent requests are gathered (up to --batch_size, --batch_wait_ms
 import asyncio
 import json
 import logging
+import socket
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,9 +26,15 @@ from fastapi import FastAPI, HTTPException, Request
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.loss import sequence_logps
+from openrlhf_ditto.models import check_causal_lm
 from openrlhf_ditto.pairs import collate
+from openrlhf_ditto.trainer import read_run_config
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's own log, so that our lines show beside its
+# A request body is refused over QUERIES_PER_REQUEST x 2 (query, prompt) x --data.max_len x JSON_BYTES_PER_TOKEN
+# bytes: a token is a few characters, and JSON writes a non-ASCII one as \uXXXX escapes (6 or 12 bytes each).
+QUERIES_PER_REQUEST = 64
+JSON_BYTES_PER_TOKEN = 32
 
 
 class DittoReward:
@@ -67,10 +74,14 @@ class DittoReward:
                 else:
                     self.reference = self.policy
                     self.policy = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(self.device).eval()
-        except (OSError, ValueError) as e:
+                    vocab = [m.get_input_embeddings().num_embeddings for m in (self.policy, self.reference)]
+                    if vocab[0] != vocab[1]:  # the queries are tokenized once, for both
+                        raise ValueError(f"their vocabularies differ ({vocab[0]} and {vocab[1]} tokens)")
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: an adapter of another model's shapes
             raise FileNotFoundError(
-                f"cannot load the policy {policy} and its reference {reference} ({e}); --policy and --reference take "
-                "Hugging Face model folders (--policy may also be a PEFT adapter trained on --reference)"
+                f"cannot load the policy {policy} and its reference {reference} ({str(e).splitlines()[0]}); --policy "
+                "and --reference take Hugging Face model folders (--policy may also be a PEFT adapter trained on "
+                "--reference)"
             ) from e
         tokenizer = self.tokenizer
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -179,7 +190,7 @@ def load_reward(args: SimpleNamespace) -> DittoReward:
                 f"--run {run} has no final/ model: the run has not finished; finish it with `openrlhf-ditto train "
                 "... --resume`, or give --policy, --reference and --beta"
             )
-        config = json.loads((run / "run_config.json").read_text())
+        config = read_run_config(run)
         beta = config["ditto"]["beta"] if args.beta is None else args.beta
         max_len = max_len or config["data"]["max_len"]
         adapter = run / "final" / "adapter"
@@ -188,6 +199,9 @@ def load_reward(args: SimpleNamespace) -> DittoReward:
         if not (args.policy and args.reference and args.beta is not None):
             raise ValueError("give --run RUN_DIR, or all of --policy, --reference and --beta")
         policy, reference, beta = args.policy, args.reference, args.beta
+        check_causal_lm(reference, "--reference")
+        if not (Path(policy) / "adapter_config.json").exists():
+            check_causal_lm(policy, "--policy")
     return DittoReward(
         policy,
         reference,
@@ -274,15 +288,37 @@ def build_app(
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as e:
             raise HTTPException(502, f"--mix {url} failed: {type(e).__name__}: {e}") from e
 
+    # Refused unread: a body over what QUERIES_PER_REQUEST queries of --data.max_len tokens (and their prompts) can
+    # take in JSON. Its decoding and tokenization would hold every other client up (10 MB: seconds).
+    limit = QUERIES_PER_REQUEST * 2 * reward.max_len * JSON_BYTES_PER_TOKEN
+
+    def decode(body: bytes) -> tuple[list[str], list[str], list, list[tuple[list[int], list[int]]]]:
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            raise ValueError(f"the body is not valid JSON ({e})") from e
+        queries, prompts, labels = _parse(data)
+        return queries, prompts, labels, reward.tokenize(queries, prompts)
+
     @app.post("/get_reward")
     async def get_reward(request: Request) -> dict:
-        try:
-            try:
-                data = await request.json()
-            except ValueError as e:
-                raise ValueError(f"the body is not valid JSON ({e})") from e
-            queries, prompts, labels = _parse(data)
-            items = reward.tokenize(queries, prompts)
+        size = int(request.headers.get("content-length") or 0)
+        body = bytearray()
+        if size <= limit:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    break
+        if max(size, len(body)) > limit:
+            message = (
+                f"the body is over {limit} bytes, the most {QUERIES_PER_REQUEST} queries of --data.max_len "
+                f"{reward.max_len} tokens can take; send fewer queries per request, or restart the server with a "
+                "larger --data.max_len"
+            )
+            logger.warning("request refused: %s", message)
+            raise HTTPException(413, message)
+        try:  # in a thread: the event loop keeps answering other clients meanwhile
+            queries, prompts, labels, items = await asyncio.to_thread(decode, bytes(body))
         except ValueError as e:  # OpenRLHF's client logs only the status code: say why here too
             logger.warning("bad request: %s", e)
             raise HTTPException(400, str(e)) from e
@@ -311,11 +347,11 @@ def build_app(
 
 def serve(args: SimpleNamespace) -> None:
     """`openrlhf-ditto serve-reward`: load the models, then serve until interrupted."""
-    for flag, value in (("--batch_size", args.batch_size), ("--port", args.port)):
-        if value < 1:
-            raise ValueError(f"{flag} is {value}; it must be >= 1")
-    if args.batch_wait_ms < 0:
-        raise ValueError(f"--batch_wait_ms is {args.batch_wait_ms}; it must be >= 0")
+    try:  # before the models load: uvicorn would find the port taken only after
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
     reward = load_reward(args)
     models = "one model, adapter on/off" if reward.reference is None else "policy and reference models"
     mixed = "".join(f" + {w} x {url}" for url, w in args.mix)

@@ -102,17 +102,17 @@ class SampleStore:
     @classmethod
     def load(cls, folder: str | os.PathLike, num_iterations: int | None = None) -> "SampleStore":
         folder = Path(folder)
-        head = json.loads((folder / "demos.json").read_text())
+        head = read_json(folder / "demos.json")
         store = cls(head["prompts"], _parse(head["demos"]))
         if (folder / "external.json").exists():
-            external = json.loads((folder / "external.json").read_text())
+            external = read_json(folder / "external.json")
             store.external_prompts = [torch.tensor(p, dtype=torch.long) for p in external["prompts"]]
             responses = _parse(external["pairs"])
             store.external = list(zip(responses[::2], responses[1::2]))
             store._written.add((folder.resolve(), "external.json"))
         t = 0
         while (folder / f"iteration_{t:05d}.json").exists() and (num_iterations is None or t < num_iterations):
-            store.add_iteration(_parse(json.loads((folder / f"iteration_{t:05d}.json").read_text())))
+            store.add_iteration(_parse(read_json(folder / f"iteration_{t:05d}.json")))
             store._written.add((folder.resolve(), f"iteration_{t:05d}.json"))
             t += 1
         if num_iterations is not None and t < num_iterations:
@@ -133,6 +133,15 @@ def _parse(rows: list[dict]) -> list[Response]:
         Response(r["prompt"], torch.tensor(r["ids"], dtype=torch.long), r["ref_logp"], r["truncated"], r["t"])
         for r in rows
     ]
+
+
+def read_json(path: Path, lines: bool = False):
+    """A JSON (or, with `lines`, JSON Lines) file that a run wrote; a damaged one is refused naming it."""
+    try:
+        text = path.read_text()
+        return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}): it was changed or cut after the run wrote it") from None
 
 
 def _write_json(path: Path, obj) -> None:

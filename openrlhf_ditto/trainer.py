@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from openrlhf_ditto.demos import load_demos, load_preference_pairs
 from openrlhf_ditto.experience import DittoExperienceMaker
-from openrlhf_ditto.models import eos_token_ids
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets, eos_token_ids
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
-from openrlhf_ditto.store import SampleStore
+from openrlhf_ditto.store import SampleStore, read_json
 
 
 class Backend(Protocol):
@@ -116,6 +116,15 @@ def run_config(args: SimpleNamespace) -> dict:
     return plain(args)
 
 
+def read_run_config(run: Path) -> dict:
+    """The run_config.json of the run folder `run`, refused naming the file if it is broken."""
+    file = run / "run_config.json"
+    config = read_json(file)
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("actor", "data", "ditto")):
+        raise ValueError(f"{file} is not the run_config.json of a DITTO run (its flags): it was changed after the run")
+    return config
+
+
 def _identity(config: dict) -> dict:
     def get(key):
         node = config
@@ -169,18 +178,32 @@ def check_run_folder(args: SimpleNamespace) -> Path | None:
     resume from (or None)."""
     out = Path(args.ckpt.output_dir)
     config_file = out / "run_config.json"
+    for flag, folder in (("--ckpt.output_dir", out), ("--logger.tensorboard_dir", args.logger.tensorboard_dir)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise RunFolderError(f"{flag} {folder} is a file; give a folder")
     if config_file.exists():
         if not args.resume and not args.overwrite:
             raise RunFolderError(
                 f"{out} already holds a DITTO run; pass --resume to continue it or --overwrite to delete it and "
                 "start again (or choose another --ckpt.output_dir)"
             )
-        if args.resume and (saved := _identity(json.loads(config_file.read_text()))) != _identity(run_config(args)):
+        if args.resume and (saved := _identity(read_run_config(out))) != _identity(run_config(args)):
             raise RunFolderError(
                 f"{out} holds a run with other settings ({saved}); --resume needs the same "
                 f"{', '.join('--' + key for key in RUN_IDENTITY)} (or use --overwrite to start again)"
             )
-    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        inputs = [
+            ("--actor.model_name_or_path", args.actor.model_name_or_path),
+            ("--data.dataset", args.data.dataset),
+            ("--ditto.extra_pairs", args.ditto.extra_pairs),
+        ]
+        for flag, path in inputs:
+            if args.overwrite and path and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
+                raise RunFolderError(
+                    f"--overwrite would delete {flag} {path}, which lies in --ckpt.output_dir {out}; copy it out "
+                    "first, or choose another --ckpt.output_dir"
+                )
+    elif out.exists() and any(out.iterdir()):  # --overwrite deletes a DITTO run, never a folder of other files
         raise RunFolderError(f"{out} is not empty and holds no DITTO run; choose an empty --ckpt.output_dir")
     elif args.resume:
         print(f"{out} holds no run to resume: starting a new one")
@@ -190,7 +213,12 @@ def check_run_folder(args: SimpleNamespace) -> Path | None:
 
 def claim_run_folder(args: SimpleNamespace) -> None:
     """Make --ckpt.output_dir this run's (--overwrite deletes what it held): only once everything checked out."""
-    out = Path(args.ckpt.output_dir)
+    out, tensorboard = Path(args.ckpt.output_dir), args.logger.tensorboard_dir
+    try:  # first: a folder it cannot write stops the start before the run folder is touched
+        if tensorboard:
+            Path(tensorboard).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"cannot write --logger.tensorboard_dir {tensorboard}: {e}") from None
     try:
         if args.overwrite and out.exists():
             shutil.rmtree(out)
@@ -285,16 +313,23 @@ def writing(what: str, out: Path):
 
 
 def load_tokenizer(args: SimpleNamespace):
-    """--actor.model_name_or_path's tokenizer, or an error that says what to give."""
+    """--actor.model_name_or_path's tokenizer, once the folder is known to hold a causal LM (with the LoRA target
+    modules when --ds.lora.rank > 0), or an error that says what to give."""
     from transformers import AutoTokenizer
 
+    model = Path(args.actor.model_name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(args.actor.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
+        run = f" (a DITTO run folder: its model is {model / 'final'})" if (model / "run_config.json").exists() else ""
         raise FileNotFoundError(
-            f"cannot load a tokenizer from --actor.model_name_or_path {args.actor.model_name_or_path} ({e}); "
+            f"cannot load a tokenizer from --actor.model_name_or_path {model}{run} ({str(e).splitlines()[0]}); "
             "give a local Hugging Face model folder (config.json, weights, tokenizer files)"
         ) from e
+    check_causal_lm(model, "--actor.model_name_or_path")
+    if args.ds.lora.rank > 0:
+        check_lora_targets(model, args.ds.lora.target_modules)
+    return tokenizer
 
 
 def _on_sigterm(signum, frame):
@@ -325,7 +360,7 @@ def train(args: SimpleNamespace, make_backend) -> Path:
     previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         if resume_from is not None:
-            state = json.loads((resume_from / "trainer_state.json").read_text())
+            state = read_json(resume_from / "trainer_state.json")
             store = SampleStore.load(out / "store", num_iterations=state["iteration"])
         if not from_reference:
             sft_warm_start(backend, store, args, logger, pad)
@@ -350,7 +385,7 @@ def train(args: SimpleNamespace, make_backend) -> Path:
             rng = torch.load(resume_from / "rng.pt", weights_only=False)
             sampler.load_state_dict(rng["sampler"])
             torch.set_rng_state(rng["torch"])
-            logger.history = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
+            logger.history = read_json(resume_from / "metrics.jsonl", lines=True)
             print(f"resumed from {resume_from} (iteration {state['iteration']}, step {state['global_step']})")
         else:
             torch.manual_seed(args.train.seed)

@@ -56,6 +56,17 @@ def tiny_model_path(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def reward_model(tiny_model_path, tmp_path_factory):
+    """The tiny model as a reward model (a score head, no language-model head), as OpenRLHF's train_rm saves one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("reward-model")
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_path):
     """The tiny model in eval mode (fp32), loaded once per test module."""

@@ -165,15 +165,25 @@ def test_position_bias_cancels_a_judge_that_always_says_a(run_dir, held_out, sta
     assert r["judgments"]["ok"] == r["judgments"]["total"] == sum(stand_in.answered.values())
 
 
+def fails_for_want_of_a_judgment(argv, capsys) -> str:
+    """An eval whose table has no judged comparison exits 1, saying so on its last line; returns that line."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 1 and last.startswith("error: no comparison was judged: "), last
+    return last
+
+
 @pytest.mark.parametrize("mode", ["500", "timeout", "non-JSON", "unparsable"])
-def test_judge_failures_are_reported_never_counted(mode, run_dir, held_out, stand_in, tmp_path):
+def test_judge_failures_are_reported_never_counted(mode, run_dir, held_out, stand_in, tmp_path, capsys):
     stand_in.mode = mode
     out = tmp_path / "eval"
     argv = [*eval_argv(run_dir, held_out, out, "--conditions", "sft", "ditto")]
     argv += openai_judge(stand_in.url, "--judge.retries", "1", "--judge.timeout", "1")
-    main(argv)
+    last = fails_for_want_of_a_judgment(argv, capsys)
     r = results(out)
     status = "unparsable" if mode == "unparsable" else "failed"
+    assert f"of {r['judgments']['total']} judgments" in last and "the report has nothing to compare" in last
     assert r["judgments"][status] == r["judgments"]["total"] > 0 and "ok" not in r["judgments"]
     assert r["matrix"]["ditto"]["sft"] is None and r["matrix"]["sft"]["ditto"] is None
     assert r["comparisons"]["left_out"] == r["comparisons"]["total"]
@@ -184,8 +194,28 @@ def test_judge_failures_are_reported_never_counted(mode, run_dir, held_out, stan
 
     # the next run asks the failed judgments again, never the unparsable ones (they are answers)
     stand_in.requests = 0
-    main(argv)
+    fails_for_want_of_a_judgment(argv, capsys)
     assert stand_in.requests == (0 if mode == "unparsable" else tries * r["judgments"]["total"])
+
+
+def test_no_judged_comparison_of_ditto_fails_the_eval(run_dir, held_out, stand_in, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = [
+        *eval_argv(run_dir, held_out, out, "--conditions", "zero-shot", "sft", "ditto"),
+        *openai_judge(stand_in.url),
+    ]
+    main(argv)
+    # every judgment with ditto in it turns unparsable (an answer, kept): the DITTO table has nothing left
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "ditto" in (row["A"], row["B"]):
+            row.update(status="unparsable", answer=None, raw="no idea")
+    (out / "judgments.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 1 and last.startswith("error: no comparison of ditto was judged: "), last
+    assert results(out)["matrix"]["sft"]["zero-shot"] is not None  # the rest of the table was judged
 
 
 def test_an_unreachable_judge_stops_the_eval_at_once(run_dir, held_out, tmp_path, capsys):
@@ -274,8 +304,12 @@ def test_openai_judge_against_transformers_serve(run_dir, held_out, tmp_path):
             time.sleep(0.3)
         out = tmp_path / "eval"
         argv = eval_argv(run_dir, held_out, out, "--conditions", "ditto", f"smollm2={smollm2}")
-        main([*argv, "--rollout.n_samples_per_prompt", "1", "--judge", "openai", "--judge.url",
-              f"http://127.0.0.1:{port}/v1", "--judge.model", smollm2])  # fmt: skip
+        exit_code = 0
+        try:
+            main([*argv, "--rollout.n_samples_per_prompt", "1", "--judge", "openai", "--judge.url",
+                  f"http://127.0.0.1:{port}/v1", "--judge.model", smollm2])  # fmt: skip
+        except SystemExit as stop:  # a 135M judge may write no answer in the JSON asked for: then it says so
+            exit_code = stop.code
     finally:
         proc.terminate()
         try:
@@ -286,6 +320,7 @@ def test_openai_judge_against_transformers_serve(run_dir, held_out, tmp_path):
     rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * len(HELD_OUT) and all(row["raw"].strip() for row in rows)  # SmolLM2 said something
     assert {row["status"] for row in rows} <= {"ok", "unparsable"}
+    assert exit_code == (0 if any(row["status"] == "ok" for row in rows) else 1)
     assert 'POST /v1/chat/completions HTTP/1.1" 200' in log.read_text()
     r = results(out)
     assert r["judgments"]["total"] == len(rows) and "failed" not in r["judgments"]
@@ -299,7 +334,8 @@ def test_bad_input_is_one_line_naming_the_flag(run_dir, held_out, tiny_model_pat
         (["--conditions", "ditto", "gpt5", *local], "--conditions: unknown condition 'gpt5'"),
         (["--conditions", "ditto", *local], "give at least two"),
         (["--conditions", "ditto", "mine=/nowhere", *local], "'mine=/nowhere' is not NAME=HF_FOLDER"),
-        (["--rollout.n_samples_per_prompt", "0", *local], "--rollout.n_samples_per_prompt is 0"),
+        (["--rollout.n_samples_per_prompt", "0", *local], "--rollout.n_samples_per_prompt 0: must be >= 1"),
+        (["--rollout.max_new_tokens", "200", *local], "leaves no room for the prompt in the run's --data.max_len 200"),
         ([], "--judge openai at https://api.openai.com/v1 needs OPENAI_API_KEY"),
         (["--judge", "local"], "--judge local needs --judge.model"),
         (["--data.input_key", "question", *local], "no key 'question'"),
@@ -312,6 +348,24 @@ def test_bad_input_is_one_line_naming_the_flag(run_dir, held_out, tiny_model_pat
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "e").exists()  # nothing was written
+
+
+def test_an_output_dir_of_other_files_is_refused(run_dir, held_out, tiny_model_path, reward_model, tmp_path, capsys):
+    """eval writes report.md, results.json, ...: never into a folder of other files (the run folder itself, whose
+    report.md the quick start wrote), only an empty one or an earlier eval's, which it continues."""
+    local = ["--judge", "local", "--judge.model", str(tiny_model_path)]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out in (notes, run_dir):
+        with pytest.raises(SystemExit) as stop:
+            main([*eval_argv(run_dir, held_out, out), *local])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(f"error: --output_dir {out} is a file or a folder of other")
+    assert notes.read_text() == "mine" and not (run_dir / "generations").exists()
+    with pytest.raises(SystemExit) as stop:  # a model without a language-model head, as a condition
+        main([*eval_argv(run_dir, held_out, tmp_path / "e", "--conditions", "ditto", f"rm={reward_model}"), *local])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"--conditions rm: {reward_model} holds a LlamaForSequenceClassification" in err
 
 
 def test_few_shot_prompt_puts_the_demos_before_the_prompt(tiny_model_path):

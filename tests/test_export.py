@@ -10,6 +10,7 @@ os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")  # train_dpo 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from test_trainer import refused  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from openrlhf_ditto.cli.args import hierarchize  # noqa: E402
@@ -206,3 +207,46 @@ def test_export_from_a_real_run(tiny_model_path, tmp_path, capsys):
     assert "wrote 20 pairs (online 14, replay 4, inter_model 2)" in printed  # as many as the run trained on
     # the tiny random model samples byte soup, cut inside characters: the export says train_dpo will see other tokens
     assert "on other tokens than the run's" in printed
+
+
+def test_nothing_is_overwritten_without_overwrite_and_nothing_in_a_run_folder(run, tmp_path, capsys):
+    """--out never replaces a file unasked, never writes into a run folder (its own files: run_config.json), and a
+    folder is refused without leaving a temporary file beside it."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = (copy / "run_config.json").read_text()
+    for out in (copy / "run_config.json", copy / "store" / "demos.json", copy / "pairs.jsonl"):
+        for overwrite in ([], ["--overwrite"]):
+            msg = refused(main, ["export-pairs", str(copy), "--out", str(out), *overwrite], capsys)
+            assert f"--out {out} lies in the DITTO run folder {copy}" in msg
+    assert (copy / "run_config.json").read_text() == config and not (copy / "pairs.jsonl").exists()
+
+    mine = tmp_path / "my_demos.jsonl"
+    mine.write_text('{"prompt": "mine", "response": "keep me"}\n')
+    assert "pass --overwrite to replace it" in refused(main, ["export-pairs", str(copy), "--out", str(mine)], capsys)
+    assert mine.read_text() == '{"prompt": "mine", "response": "keep me"}\n'
+    main(["export-pairs", str(copy), "--out", str(mine), "--overwrite"])  # asked for: replaced
+    assert json.loads(mine.read_text().splitlines()[0])["kind"] in KINDS
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    assert f"--out {folder} is a folder" in refused(main, ["export-pairs", str(copy), "--out", str(folder)], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_demos.jsonl", "pairs", "run"]  # no pairs.tmp
+
+    main(["export-pairs", str(copy), "--out", str(tmp_path / "new" / "pairs.jsonl")])  # the run still works
+    assert (tmp_path / "new" / "pairs.jsonl").exists()
+
+
+def test_a_damaged_run_config_is_named(run, tiny_model_path, tmp_path, capsys):
+    """What a clobbered run_config.json used to print: `error: Extra data: line 2 column 1`, naming no file."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "run_config.json").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    msg = refused(main, ["export-pairs", str(copy), "--out", str(tmp_path / "pairs.jsonl")], capsys)
+    assert msg.startswith(f"{copy / 'run_config.json'} is not valid JSON (Extra data: line 2 column 1")
+    msg = refused(
+        main,
+        [*train_argv(tiny_model_path), "--ckpt.output_dir", str(copy), "--resume", "--data.dataset", str(tmp_path)],
+        capsys,
+    )
+    assert msg.startswith(f"{copy / 'run_config.json'} is not valid JSON")

@@ -137,7 +137,7 @@ def test_a_broken_pairs_file_is_one_line(tokenizer, tmp_path):
 def test_external_flags_go_together(tiny_model_path, tmp_path, capsys, flags, expected):
     with pytest.raises(SystemExit) as e:
         main(cli_args(tiny_model_path, tmp_path / "demos.jsonl", tmp_path / "run", *flags))
-    assert expected in str(e.value.code)
+    assert e.value.code == 2 and expected in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -4,23 +4,27 @@ demos, the paper's schedules, and imports that run one way."""
 
 import argparse
 import ast
+import importlib.util
 import json
 import math
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import DEMOS, cli_args, run
+from test_trainer import DEMOS, cli_args, refused, run
 
 from openrlhf_ditto.backends.local import LocalBackend
+from openrlhf_ditto.cli.args import hierarchize
 from openrlhf_ditto.cli.main import build_parser, main
 from openrlhf_ditto.trainer import RunStopped
 
@@ -230,7 +234,7 @@ def test_nan_loss_stops_keeps_the_last_checkpoint_and_resume_continues(tiny_mode
     final, _ = run(cli_args(tiny_model_path, demos_file, out, "--resume", "--actor.adam.lr", "5e-4"))
     rows = [r for r in train_rows(out) if r["prefix"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [r["lr"] for r in rows] == [0.0, 1e-3, 5e-4, 5e-4]  # 25% of 4 steps warm up; then the resumed lr
+    assert [r["lr"] for r in rows] == [1e-3, 1e-3, 5e-4, 5e-4]  # one warm-up step (of 4) is none; then today's lr
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert (final / "model.safetensors").exists()
 
@@ -383,26 +387,85 @@ def test_cut_demos_are_reported_once_at_start(tiny_model_path, demos_file, tmp_p
 
 
 def test_paper_schedules_are_the_defaults(tiny_model_path, demos_file, tmp_path):
-    from transformers import get_cosine_schedule_with_warmup
-
-    from openrlhf_ditto.cli.args import hierarchize
     from openrlhf_ditto.pairs import collate
 
     args = hierarchize(build_parser().parse_args(cli_args(tiny_model_path, demos_file, tmp_path / "run")[:7]))
     assert (args.ditto.sft_lr_scheduler, args.ditto.sft_warmup_ratio) == ("cosine", 0.2)
     assert (args.actor.lr_scheduler, args.actor.lr_warmup_ratio) == ("constant_with_warmup", 0.25)
 
-    # the local backend's SFT lr: cosine over --ditto.sft_steps (30) after 20% (6 steps) of linear warm-up
+    # the local backend's SFT lr: 20% of --ditto.sft_steps (30), 6 steps, of linear warm-up, step k (1-based) at k/6
+    # of the lr, then a cosine that reaches 0 one step after the last (schedules.py)
     backend = LocalBackend(tiny_model_path, args)
     batch = collate([torch.tensor([5, 6, 7])], [torch.tensor([8, 9])], 0)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.ditto.sft_lr)
-    expected = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=6, num_training_steps=30)
-    for _ in range(10):
-        backend.sft_step(batch)
-        optimizer.step()
-        expected.step()
-        assert backend.sft_optimizer.param_groups[0]["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12)
-    assert expected.get_last_lr()[0] < args.ditto.sft_lr  # past the warm-up, decaying
+    for k in range(2, 12):
+        backend.sft_step(batch)  # step k - 1; the optimiser now holds step k's lr
+        expected = k / 6 if k <= 6 else 0.5 * (1 + math.cos(math.pi * (k - 6) / (31 - 6)))
+        assert backend.sft_optimizer.param_groups[0]["lr"] == pytest.approx(expected * args.ditto.sft_lr, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["constant_with_warmup", "cosine", "linear", "polynomial", "cosine_with_restarts"])
+def test_no_step_of_a_schedule_trains_at_lr_zero(name):
+    """transformers' schedules give the first warm-up step lr 0 and end a decay at 0: a user's step that does
+    nothing. The rule (schedules.py) shifts them by one step: the k-th of w warm-up steps at k/w of the lr."""
+    from openrlhf_ditto.schedules import lr_scheduler
+
+    for steps in range(1, 13):
+        for ratio in (0.0, 0.1, 0.2, 0.25, 0.5, 1.0):
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            scheduler = lr_scheduler(name, optimizer, ratio, steps)
+            lrs = []
+            for _ in range(steps):
+                lrs.append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                scheduler.step()
+            warmup = math.ceil(ratio * steps)
+            assert min(lrs) > 0, (steps, ratio, lrs)
+            assert lrs[:warmup] == pytest.approx([k / warmup for k in range(1, warmup + 1)]), (steps, ratio, lrs)
+
+
+def test_one_sft_step_moves_the_model_and_the_first_ditto_step_trains(tiny_model_path, demos_file, tmp_path):
+    """--ditto.sft_steps 1 used to run its only step at the warm-up's lr 0 (pi_0 was the base model, while the bar
+    showed a loss), and the first DITTO step too."""
+    out = tmp_path / "run"
+    run(cli_args(tiny_model_path, demos_file, out, "--ditto.sft_steps", "1", "--ditto.iterations", "1"))
+    base, pi_0 = load_file(tiny_model_path / "model.safetensors"), load_file(out / "reference" / "model.safetensors")
+    assert any(not torch.equal(base[name], pi_0[name]) for name in base), "the SFT step did not train"
+    assert [r["lr"] for r in train_rows(out) if r["prefix"] == "train"] == [1e-3, 1e-3]  # 25% of 2 steps: none
+
+
+def test_the_ray_policy_takes_the_same_schedule(tiny_model_path, demos_file, monkeypatch):
+    """DittoPolicyActor puts the rule's schedule where OpenRLHF built its own (whose first warm-up step is at lr 0):
+    on the DeepSpeed engine, which steps it and checkpoints it, and where ditto_train_step reads the lr. OpenRLHF's
+    init needs Ray and GPUs (tests/test_openrlhf_backend.py runs it on CPU with stand-ins); here it is replaced by
+    what it leaves: an engine holding its optimizer and OpenRLHF's schedule, built as its DeepspeedStrategy does."""
+    ob = pytest.importorskip("openrlhf_ditto.backends.openrlhf")
+    from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+    from transformers import get_scheduler
+
+    from openrlhf_ditto.cli.train_ditto_ray import build_parser as ray_parser
+
+    argv = ["--actor.model_name_or_path", str(tiny_model_path), "--data.dataset", str(demos_file)]
+    args = hierarchize(ray_parser().parse_args([*argv, "--actor.adam.lr", "1e-2", "--ditto.resample_every", "1"]))
+    a = args.actor
+
+    def openrlhf_init(self, strategy, pretrain, max_steps=None, vllm_engines=None):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=a.adam.lr)
+        warmup = math.ceil(max_steps * a.lr_warmup_ratio)
+        engine = SimpleNamespace(
+            basic_optimizer=optimizer, lr_scheduler=get_scheduler(a.lr_scheduler, optimizer, warmup, max_steps)
+        )
+        self.actor, self.actor_scheduler = SimpleNamespace(model=engine), engine.lr_scheduler
+        self.trainer = SimpleNamespace(actor_scheduler=engine.lr_scheduler)
+
+    monkeypatch.setattr(PolicyModelActor.__ray_actor_class__, "init_model_from_pretrained", openrlhf_init)
+    actor = object.__new__(ob.DittoPolicyActor.__ray_actor_class__)
+    actor.init_model_from_pretrained(SimpleNamespace(args=args), str(tiny_model_path), max_steps=4)
+    engine, lrs = actor.actor.model, []
+    for _ in range(4):
+        lrs.append(actor.actor_scheduler.get_last_lr()[0])  # as ditto_train_step reads it
+        engine.basic_optimizer.step()
+        engine.lr_scheduler.step()  # as DeepSpeed's engine.step() does
+    assert lrs == [1e-2] * 4  # OpenRLHF's own: [0.0, 1e-2, 1e-2, 1e-2]
 
 
 # ------------------------------------------------------------------------------------ 9. imports run one way
@@ -433,3 +496,289 @@ def test_imports_run_one_way():
         allowed = {"vllm"} if module.startswith("openrlhf_ditto.backends.") else set()
         if module != "openrlhf_ditto.backends.openrlhf":
             assert not {m.split(".")[0] for m in imported} & (heavy - allowed), f"{module} imports {imported}"
+
+
+# ------------------------------------------- 10. bad input of any kind: one line, exit code 2, nothing claimed
+
+
+TRAIN_RANGES = [  # every numeric flag of `train`, each just outside its range
+    (["--ditto.beta", "0"], "--ditto.beta 0: must be > 0 (paper: 0.05)"),
+    (["--ditto.beta", "-1"], "--ditto.beta -1: must be > 0 (paper: 0.05)"),
+    (["--ditto.beta", "nan"], "--ditto.beta nan: must be > 0"),
+    (["--ditto.beta", "inf"], "--ditto.beta inf: must be > 0"),
+    (["--actor.adam.lr", "-1"], "--actor.adam.lr -1: must be > 0 (paper: 1e-6)"),
+    (["--ditto.sft_lr", "0"], "--ditto.sft_lr 0: must be > 0 (paper: 3e-5)"),
+    (["--ditto.label_smoothing", "0.5"], "--ditto.label_smoothing 0.5: must be in [0, 0.5)"),
+    (["--ditto.label_smoothing", "-0.1"], "--ditto.label_smoothing -0.1: must be in [0, 0.5)"),
+    (["--ditto.pair_fractions", "1.5", "-0.5", "0"], "--ditto.pair_fractions 1.5 -0.5 0.0: give 3 shares"),
+    (["--actor.lr_warmup_ratio", "1.5"], "--actor.lr_warmup_ratio 1.5: must be in [0, 1] (paper: 0.25)"),
+    (["--ditto.sft_warmup_ratio", "-0.1"], "--ditto.sft_warmup_ratio -0.1: must be in [0, 1] (paper: 0.2)"),
+    (["--rollout.temperature", "0"], "--rollout.temperature 0: must be > 0"),
+    (["--rollout.top_p", "0"], "--rollout.top_p 0: must be in (0, 1]"),
+    (["--rollout.top_p", "1.5"], "--rollout.top_p 1.5: must be in (0, 1]"),
+    (["--rollout.n_samples_per_prompt", "0"], "--rollout.n_samples_per_prompt 0: must be >= 1 (paper: 10)"),
+    (["--rollout.max_new_tokens", "0"], "--rollout.max_new_tokens 0: must be >= 1"),
+    (["--rollout.micro_batch_size", "0"], "--rollout.micro_batch_size 0: must be >= 1"),
+    (["--data.max_len", "24"], "--rollout.max_new_tokens 24 leaves no room for the prompt in --data.max_len 24"),
+    (["--train.batch_size", "0"], "--train.batch_size 0: must be >= 1 (paper: 24)"),
+    (["--train.micro_batch_size", "-2"], "--train.micro_batch_size -2: must be >= 1"),
+    (["--train.seed", "-1"], "--train.seed -1: must be >= 0"),
+    (["--actor.adam.betas", "0.9", "1"], "--actor.adam.betas 1: must be in [0, 1)"),
+    (["--actor.adam.weight_decay", "-0.1"], "--actor.adam.weight_decay -0.1: must be >= 0"),
+    (["--actor.max_norm", "0"], "--actor.max_norm 0: must be > 0"),
+    (["--ds.lora.rank", "-1"], "--ds.lora.rank -1: must be >= 0"),
+    (["--ds.lora.alpha", "0"], "--ds.lora.alpha 0: must be >= 1 (paper: 64)"),
+    (["--ds.lora.dropout", "1"], "--ds.lora.dropout 1: must be in [0, 1)"),
+    (["--ditto.sft_steps", "-1"], "--ditto.sft_steps -1: must be >= 0"),
+    (["--ditto.sft_stop_loss", "-1"], "--ditto.sft_stop_loss -1: must be >= 0"),
+    (["--ditto.iterations", "0"], "--ditto.iterations 0: must be >= 1 (paper: 4)"),
+    (["--ditto.resample_every", "0"], "--ditto.resample_every 0: must be >= 1 (paper: 10)"),
+    (["--ditto.nll_coef", "-1"], "--ditto.nll_coef -1: must be >= 0"),
+    (["--ckpt.max_num", "0"], "--ckpt.max_num 0: must be >= 1"),
+    (["--vllm.gpu_memory_utilization", "0"], "--vllm.gpu_memory_utilization 0: must be in (0, 1]"),
+    (["--actor.lr_scheduler", "sideways"], "--actor.lr_scheduler sideways: sideways is not a valid SchedulerType"),
+    (["--ditto.sft_lr_scheduler", "reduce_lr_on_plateau"], "--ditto.sft_lr_scheduler reduce_lr_on_plateau: "),
+    (["--ditto.beta", "x"], "argument --ditto.beta: invalid float value: 'x' (see openrlhf-ditto train --help)"),
+    (
+        ["--data.input_template", "Q: {question}"],
+        "--data.input_template 'Q: {question}': put {} where the prompt goes",
+    ),
+    (["--data.input_template", "Q:"], "--data.input_template 'Q:': put {} where the prompt goes, once"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), TRAIN_RANGES, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+def test_train_refuses_every_number_out_of_range(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    argv = cli_args(tmp_path / "model", tmp_path / "demos.jsonl", out, *flags)
+    assert refused(main, argv, capsys).startswith(message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        TRAIN_RANGES[0],  # the train flags: the same checks
+        (["--actor.num_nodes", "0"], "--actor.num_nodes 0: must be >= 1"),
+        (["--actor.num_gpus_per_node", "0"], "--actor.num_gpus_per_node 0: must be >= 1"),
+        (["--ref.num_nodes", "0"], "--ref.num_nodes 0: must be >= 1"),
+        (["--ref.num_gpus_per_node", "-1"], "--ref.num_gpus_per_node -1: must be >= 1"),
+        (["--vllm.tensor_parallel_size", "0"], "--vllm.tensor_parallel_size 0: must be >= 1"),
+        (["--vllm.gpu_memory_utilization", "1.5"], "--vllm.gpu_memory_utilization 1.5: must be in (0, 1]"),
+        (["--ds.zero_stage", "4"], "--ds.zero_stage 4: must be in [0, 3]"),
+        (["--ds.zpg", "0"], "--ds.zpg 0: must be >= 1"),
+        (["--actor.adam.eps", "0"], "--actor.adam.eps 0: must be > 0"),
+        (["--actor.min_lr_ratio", "2"], "--actor.min_lr_ratio 2: must be in [0, 1]"),
+        (["--vllm.sync_backend", "mpi"], "--vllm.sync_backend mpi: give nccl (GPUs) or gloo"),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else "",
+)
+def test_train_ditto_ray_refuses_every_number_out_of_range(tmp_path, capsys, flags, message):
+    from openrlhf_ditto.cli.train_ditto_ray import main as ray_main
+
+    out = tmp_path / "run"
+    argv = ["--actor.model_name_or_path", str(tmp_path), "--data.dataset", str(tmp_path / "d.jsonl")]
+    argv += ["--ckpt.output_dir", str(out), "--vllm.num_engines", "1", "--dry_run", *flags]
+    assert refused(ray_main, argv, capsys).startswith(message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-1"], "--seed -1: must be >= 0"),
+        (["--few_shot.k", "0"], "--few_shot.k 0: must be >= 1"),
+        (["--rollout.n_samples_per_prompt", "0"], "--rollout.n_samples_per_prompt 0: must be >= 1 (paper: 3)"),
+        (["--rollout.max_new_tokens", "0"], "--rollout.max_new_tokens 0: must be >= 1"),
+        (["--rollout.temperature", "-1"], "--rollout.temperature -1: must be > 0 (paper: 1.0)"),
+        (["--rollout.top_p", "2"], "--rollout.top_p 2: must be in (0, 1]"),
+        (["--rollout.batch_size", "0"], "--rollout.batch_size 0: must be >= 1"),
+        (["--judge.concurrency", "0"], "--judge.concurrency 0: must be >= 1"),
+        (["--judge.timeout", "0"], "--judge.timeout 0: must be > 0"),
+        (["--judge.retries", "-1"], "--judge.retries -1: must be >= 0"),
+        (["--judge.batch_size", "0"], "--judge.batch_size 0: must be >= 1"),
+        (["--vllm.gpu_memory_utilization", "1.5"], "--vllm.gpu_memory_utilization 1.5: must be in (0, 1]"),
+        (["--judge.url", "judge-host:8000/v1"], "--judge.url judge-host:8000/v1: give the API's base URL"),
+        (["--data.input_template", "{}{}"], "--data.input_template '{}{}': put {} where the prompt goes, once"),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else "",
+)
+def test_eval_refuses_every_number_out_of_range(tmp_path, capsys, argv, message):
+    out = tmp_path / "eval"
+    base = ["eval", "--run", str(tmp_path), "--data.dataset", str(tmp_path / "h.jsonl"), "--output_dir", str(out)]
+    assert refused(main, [*base, *argv], capsys).startswith(message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--beta", "0"], "--beta 0: must be > 0"),
+        (["--beta", "-0.05"], "--beta -0.05: must be > 0"),
+        (["--scale", "0"], "--scale 0: must be > 0"),
+        (["--offset", "nan"], "--offset nan: must be finite"),
+        (["--clip_range", "1", "-1"], "--clip_range 1 -1: LOW must be below HIGH"),
+        (["--clip_range", "nan", "1"], "--clip_range nan: must be finite"),
+        (["--data.max_len", "1"], "--data.max_len 1: must be >= 2"),
+        (["--port", "0"], "--port 0: must be in [1, 65535]"),
+        (["--port", "70000"], "--port 70000: must be in [1, 65535]"),
+        (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+        (["--batch_wait_ms", "-1"], "--batch_wait_ms -1: must be >= 0"),
+        (["--mix", "http://rm:5000/get_reward=nan"], "argument --mix: 'http://rm:5000/get_reward=nan' is not"),
+        (["--mix", "rm:5000=1"], "argument --mix: 'rm:5000=1' is not URL=WEIGHT"),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else "",
+)
+def test_serve_reward_refuses_every_number_out_of_range(tmp_path, capsys, argv, message):
+    assert refused(main, ["serve-reward", "--run", str(tmp_path), *argv], capsys).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), [(["--num", "0"], "--num 0: must be >= 1"), (["--seed", "-1"], "--seed -1: must be >= 0")]
+)
+def test_export_pairs_refuses_every_number_out_of_range(tmp_path, capsys, argv, message):
+    out = tmp_path / "pairs.jsonl"
+    assert refused(main, ["export-pairs", str(tmp_path), "--out", str(out), *argv], capsys).startswith(message)
+    assert not out.exists()
+
+
+def test_a_refused_flag_claims_nothing_and_the_fixed_command_runs(tiny_model_path, demos_file, tmp_path, capsys):
+    """--actor.adam.lr -1 used to fail in torch's optimiser after the run folder was claimed ("Invalid learning rate:
+    -1.0", no flag named); the fixed command was then refused as "already holds a DITTO run"."""
+    out = tmp_path / "run"
+    argv = cli_args(tiny_model_path, demos_file, out, "--ditto.iterations", "1")
+    for flags in (["--actor.adam.lr", "-1"], ["--ditto.sft_lr", "-1"], ["--actor.lr_scheduler", "cosine_with_min_lr"]):
+        assert refused(main, [*argv, *flags], capsys).startswith(flags[0])
+        assert not out.exists()
+    main(argv)
+    assert (out / "final" / "model.safetensors").exists()
+
+
+# -------------------------------------------------------- 11. paths and model folders that are not what is asked
+
+
+def test_overwrite_deletes_only_a_run_and_never_its_inputs(tiny_model_path, demos_file, tmp_path, capsys):
+    """--overwrite used to delete whatever --ckpt.output_dir held (a home folder, the model, the demos)."""
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "thesis.tex").write_text("years of work")
+    msg = refused(main, cli_args(tiny_model_path, demos_file, papers, "--overwrite"), capsys)
+    assert msg == f"{papers} is not empty and holds no DITTO run; choose an empty --ckpt.output_dir"
+    assert (papers / "thesis.tex").read_text() == "years of work"
+
+    run = tmp_path / "run"  # a run whose folder holds the new run's demos and model
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"actor": {}, "data": {}, "ditto": {}}))
+    (run / "demos.jsonl").write_text(demos_file.read_text())
+    msg = refused(main, cli_args(tiny_model_path, run / "demos.jsonl", run, "--overwrite"), capsys)
+    assert msg.startswith(f"--overwrite would delete --data.dataset {run / 'demos.jsonl'}, which lies in")
+    model = run / "model"
+    shutil.copytree(tiny_model_path, model)
+    msg = refused(main, cli_args(model, demos_file, run, "--overwrite"), capsys)
+    assert msg.startswith(f"--overwrite would delete --actor.model_name_or_path {model}, which lies in")
+    assert (run / "demos.jsonl").exists() and (model / "model.safetensors").exists()
+
+
+def test_output_paths_that_are_files_are_refused(tiny_model_path, demos_file, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert refused(main, cli_args(tiny_model_path, demos_file, a_file), capsys) == (
+        f"--ckpt.output_dir {a_file} is a file; give a folder"
+    )
+    argv = cli_args(tiny_model_path, demos_file, tmp_path / "run", "--logger.tensorboard_dir", str(a_file))
+    assert refused(main, argv, capsys) == f"--logger.tensorboard_dir {a_file} is a file; give a folder"
+    argv = cli_args(tiny_model_path, demos_file, tmp_path / "run", "--logger.tensorboard_dir", "/proc/ditto-logs")
+    argv += ["--rollout.max_new_tokens", "48"]  # no demo cut: no warning before the error
+    assert refused(main, argv, capsys).startswith("cannot write --logger.tensorboard_dir /proc/ditto-logs: ")
+    assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_lora_targets_that_name_no_module_are_refused_before_anything_starts(
+    tiny_model_path, demos_file, tmp_path, capsys
+):
+    """peft said so without naming the flag (local), or in every Ray actor once the weights were loaded."""
+    from openrlhf_ditto.cli.train_ditto_ray import main as ray_main
+
+    out = tmp_path / "run"
+    message = f"--ds.lora.target_modules q_proj qkv: no module qkv in {tiny_model_path}, whose linear layers are "
+    argv = cli_args(tiny_model_path, demos_file, out, "--ds.lora.target_modules", "q_proj", "qkv")
+    assert refused(main, argv, capsys).startswith(message)
+    ray = ["--actor.model_name_or_path", str(tiny_model_path), "--data.dataset", str(demos_file), "--dry_run"]
+    ray += ["--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "1"]
+    ray += ["--ckpt.output_dir", str(out), "--ds.lora.target_modules", "q_proj", "qkv"]
+    assert refused(ray_main, ray, capsys).startswith(message)
+    assert not out.exists()
+
+
+def test_a_model_without_a_language_model_head_is_refused(reward_model, demos_file, tmp_path, capsys):
+    """It used to load with a new, random head (a table of "MISSING" weights) and train on noise."""
+    from openrlhf_ditto.cli.train_ditto_ray import main as ray_main
+
+    message = f"{reward_model} holds a LlamaForSequenceClassification, which has no language-model head"
+    out = tmp_path / "run"
+    assert refused(main, cli_args(reward_model, demos_file, out), capsys) == (
+        f"--actor.model_name_or_path {message}: give a causal LM (a chat or base model, *ForCausalLM in its "
+        "config.json)"
+    )
+    assert not out.exists()
+    ray = ["--actor.model_name_or_path", str(reward_model), "--data.dataset", str(demos_file), "--dry_run"]
+    one_gpu = ["--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "1"]
+    assert refused(ray_main, [*ray, *one_gpu], capsys).startswith(f"--actor.model_name_or_path {message}")
+    serve = ["serve-reward", "--policy", str(reward_model), "--reference", str(reward_model), "--beta", "1"]
+    assert refused(main, serve, capsys).startswith(f"--reference {message}")
+
+
+def test_a_run_folder_given_as_the_model_is_named(tiny_model_path, demos_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")
+    msg = refused(main, cli_args(run, demos_file, tmp_path / "new"), capsys)
+    assert msg.startswith(f"cannot load a tokenizer from --actor.model_name_or_path {run} (a DITTO run folder: its "
+                          f"model is {run / 'final'})")  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="W&B's client is installed here")
+def test_wandb_without_its_client_is_refused_before_the_folder_is_claimed(
+    tiny_model_path, demos_file, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = cli_args(tiny_model_path, demos_file, out, "--logger.wandb.key", "k")
+    assert refused(main, argv, capsys).startswith("--logger.wandb.key needs W&B's client: pip install wandb")
+    assert not out.exists()
+
+
+def test_dry_run_checks_the_run_folder_too(tiny_model_path, demos_file, tmp_path, capsys):
+    from openrlhf_ditto.cli.train_ditto_ray import main as ray_main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["--actor.model_name_or_path", str(tiny_model_path), "--data.dataset", str(demos_file), "--dry_run"]
+    argv += ["--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "1"]
+    assert refused(ray_main, [*argv, "--ckpt.output_dir", str(out)], capsys) == (
+        f"{out} is not empty and holds no DITTO run; choose an empty --ckpt.output_dir"
+    )
+
+
+def test_train_ditto_ray_exits_as_train_does_when_a_run_stops(
+    tiny_model_path, demos_file, tmp_path, capsys, monkeypatch
+):
+    """A run that stops exits 1 (Ctrl-C 130) with where it stands, as `openrlhf-ditto train`: no traceback. The
+    Ray run itself needs GPUs; `train` is replaced here by what it raises."""
+    import openrlhf_ditto.trainer as trainer
+    from openrlhf_ditto.cli.train_ditto_ray import main as ray_main
+
+    argv = ["--actor.model_name_or_path", str(tiny_model_path), "--data.dataset", str(demos_file)]
+    argv += ["--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "1"]
+    argv += ["--ckpt.output_dir", str(tmp_path / "run")]
+    for raised, code in ((RunStopped("step 3: the loss is nan. ... plus --resume"), 1), (KeyboardInterrupt(), 130)):
+
+        def stopped(args, make_backend, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(trainer, "train", stopped)
+        with pytest.raises(SystemExit) as e:
+            ray_main(argv)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == code and "Traceback" not in last
+        assert last == ("error: step 3: the loss is nan. ... plus --resume" if code == 1 else "interrupted")

@@ -298,4 +298,107 @@ def test_cli_errors(tmp_path, run_dir, capsys):
     assert "--beta" in msg
     assert "no run_config.json" in error_of(["serve-reward", "--run", str(tmp_path)], capsys)
     assert "URL=WEIGHT" in error_of(["serve-reward", "--run", str(run_dir), "--mix", "http://x/get_reward"], capsys)
-    assert "--batch_size is 0" in error_of(["serve-reward", "--run", str(run_dir), "--batch_size", "0"], capsys)
+    assert "--batch_size 0: must be >= 1" in error_of(
+        ["serve-reward", "--run", str(run_dir), "--batch_size", "0"], capsys
+    )
+
+
+def test_an_oversize_body_is_refused_unread(run_dir, in_process_server, cases, tokenizer):
+    """A 10 MB body used to be decoded and tokenized (4.4M tokens, seconds) on the event loop before its refusal."""
+    from openrlhf_ditto.reward import DittoReward, build_app
+
+    tokenized = []
+
+    class Watched(DittoReward):
+        def tokenize(self, queries, prompts):
+            tokenized.append(len(queries))
+            return super().tokenize(queries, prompts)
+
+    reward = Watched(run_dir / "final" / "adapter", run_dir / "reference", beta=0.05, max_len=96)
+    url = in_process_server(build_app(reward))
+    limit = 64 * 2 * 96 * 32  # 64 queries of --data.max_len tokens and their prompts, 32 bytes a token
+    prompt, response = cases[0]
+    huge = json.dumps({"query": [prompt + "better " * (limit // 7)], "prompts": [prompt]}).encode()
+
+    async def streamed():  # no Content-Length: refused while it streams in
+        async with aiohttp.ClientSession() as session:
+            chunks = (huge[i : i + 65536] for i in range(0, len(huge), 65536))
+
+            async def body():
+                for chunk in chunks:
+                    yield chunk
+
+            async with session.post(url, data=body()) as answer:
+                return answer.status, await answer.text()
+
+    for status, text in (post(url, huge), asyncio.run(streamed())):
+        assert status == 413, text
+        detail = json.loads(text)["detail"]
+        assert (
+            f"over {limit} bytes" in detail and "a larger --data.max_len" in detail and "--data.max_len 96" in detail
+        )
+    assert tokenized == []
+    good = prompt + tokenizer.decode(response, skip_special_tokens=False)
+    status, text = post(url, {"query": [good], "prompts": [prompt]})
+    assert status == 200 and tokenized == [1], text
+
+
+def test_tokenization_keeps_other_clients_waiting_no_longer(run_dir, in_process_server, cases, tokenizer):
+    """A request being tokenized (here held until released) no longer blocks the event loop: another request is
+    answered meanwhile. Before, the loop tokenized it and every other client waited."""
+    from openrlhf_ditto.reward import DittoReward, build_app
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Held(DittoReward):
+        def tokenize(self, queries, prompts):
+            if "HOLD" in queries[0]:
+                entered.set()
+                release.wait(timeout=60)
+            return super().tokenize(queries, prompts)
+
+    url = in_process_server(build_app(Held(run_dir / "final", run_dir / "reference", beta=0.05, max_len=96)))
+    prompt, response = cases[0]
+    good = prompt + tokenizer.decode(response, skip_special_tokens=False)
+    held = threading.Thread(target=post, args=(url, {"query": [prompt + " HOLD"], "prompts": [prompt]}))
+    held.start()
+    try:
+        assert entered.wait(timeout=30)
+
+        async def meanwhile():
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+                async with session.post(url, json={"query": [good], "prompts": [prompt]}) as answer:
+                    return answer.status
+
+        assert asyncio.run(meanwhile()) == 200 and not release.is_set()
+    finally:
+        release.set()
+        held.join(timeout=60)
+
+
+def test_a_taken_port_is_refused_before_the_models_load(run_dir, capsys, monkeypatch):
+    import openrlhf_ditto.reward as reward
+
+    monkeypatch.setattr(reward, "load_reward", lambda args: pytest.fail("the models loaded before the port check"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        msg = error_of(["serve-reward", "--run", str(run_dir), "--host", "127.0.0.1", "--port", str(port)], capsys)
+    assert msg.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen there (") and msg.count("\n") == 1
+
+
+def test_an_adapter_of_another_model_is_one_line(run_dir, tiny_model_path, tmp_path, capsys):
+    """An adapter on a reference of other shapes used to end in a traceback of size mismatches."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    other = tmp_path / "other"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    argv = ["serve-reward", "--policy", str(run_dir / "final" / "adapter"), "--reference", str(other), "--beta", "1"]
+    msg = error_of([*argv, "--port", str(free_port())], capsys)
+    assert msg.startswith(f"error: cannot load the policy {run_dir / 'final' / 'adapter'} and its reference {other}")
+    assert msg.count("\n") == 1

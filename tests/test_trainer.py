@@ -90,6 +90,15 @@ def test_two_iterations_end_to_end(tiny_model_path, demos_file, tmp_path, lora_r
     assert any(not torch.equal(trained[k], v) for k, v in saved.items() if k in trained), "the policy did not move"
 
 
+def refused(main_fn, argv, capsys) -> str:
+    """The one line a command prints when it refuses its input (exit code 2), without its "error: "."""
+    with pytest.raises(SystemExit) as e:
+        main_fn(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err.removeprefix("error: ").strip()
+
+
 def error_of(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -132,7 +141,9 @@ def test_impossible_settings(tiny_model_path, demos_file, tmp_path, capsys, flag
 def test_output_dir_of_another_run_is_refused(tiny_model_path, demos_file, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run_config.json").write_text(json.dumps({"model": "another"}))
+    (out / "run_config.json").write_text(
+        json.dumps({"actor": {"model_name_or_path": "another"}, "data": {}, "ditto": {}})
+    )
     (out / "precious.txt").write_text("keep me")
     msg = error_of(cli_args(tiny_model_path, demos_file, out), capsys)
     assert "--resume" in msg and "--overwrite" in msg

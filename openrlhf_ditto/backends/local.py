@@ -9,18 +9,18 @@ policy (backends/vllm_engine.py) that loads the policy's weights before each ite
 
 import copy
 import importlib.util
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
 from openrlhf_ditto.models import eos_token_ids, save_pretrained
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
+from openrlhf_ditto.schedules import lr_scheduler
 
 
 def rollout_engine(choice: str) -> str:
@@ -87,12 +87,7 @@ class LocalBackend:
         d = self.args.ditto
         if self.sft_optimizer is None:
             self.sft_optimizer = torch.optim.AdamW(self._trainable(), lr=d.sft_lr, weight_decay=0.0)
-            self.sft_scheduler = get_scheduler(
-                d.sft_lr_scheduler,
-                self.sft_optimizer,
-                num_warmup_steps=math.ceil(d.sft_warmup_ratio * d.sft_steps),
-                num_training_steps=d.sft_steps,
-            )
+            self.sft_scheduler = lr_scheduler(d.sft_lr_scheduler, self.sft_optimizer, d.sft_warmup_ratio, d.sft_steps)
         self.model.train()
         batch = batch.to(self.device)
         loss = -sequence_logps(self.model, batch).sum() / batch.action_mask.sum()
@@ -123,12 +118,7 @@ class LocalBackend:
             self._trainable(), lr=opt.adam.lr, betas=tuple(opt.adam.betas), weight_decay=opt.adam.weight_decay
         )
         steps = self.args.ditto.iterations * self.args.ditto.resample_every
-        self.scheduler = get_scheduler(
-            opt.lr_scheduler,
-            self.optimizer,
-            num_warmup_steps=math.ceil(opt.lr_warmup_ratio * steps),
-            num_training_steps=steps,
-        )
+        self.scheduler = lr_scheduler(opt.lr_scheduler, self.optimizer, opt.lr_warmup_ratio, steps)
 
     @torch.no_grad()
     def generate(self, prompts: list[torch.Tensor], n: int) -> list[list[list[int]]]:

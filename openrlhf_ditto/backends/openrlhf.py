@@ -36,6 +36,7 @@ from openrlhf_ditto.backends.vllm_engine import weights_for_sync  # noqa: E402
 from openrlhf_ditto.loss import DittoActorLoss  # noqa: E402
 from openrlhf_ditto.models import eos_token_ids  # noqa: E402
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch  # noqa: E402
+from openrlhf_ditto.schedules import lr_scheduler  # noqa: E402
 
 # create_vllm_engines starts every engine with dtype="bfloat16", and vLLM's WorkerWrap.update_weight refuses any other.
 VLLM_DTYPE = torch.bfloat16
@@ -93,6 +94,15 @@ def openrlhf_args(args: SimpleNamespace) -> SimpleNamespace:
 class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
     """OpenRLHF's policy role (DeepSpeed ZeRO 0-3, LoRA, gradient checkpointing, offload/reload, vLLM weight sync)
     plus one DITTO optimiser step on a shard of a pair batch, and checkpoints into a given folder."""
+
+    def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
+        """OpenRLHF's init, then the local backend's schedule (`schedules.lr_scheduler`) in place of OpenRLHF's, whose
+        first warm-up step trains at lr 0. The DeepSpeed engine steps it and keeps it in its checkpoints."""
+        super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
+        a, engine = strategy.args.actor, self.actor.model
+        engine.lr_scheduler = self.actor_scheduler = self.trainer.actor_scheduler = lr_scheduler(
+            a.lr_scheduler, engine.basic_optimizer, a.lr_warmup_ratio, max_steps, a.min_lr_ratio
+        )
 
     def ditto_train_step(self, batch: PairBatch, total_pairs: int, total_demos: int) -> dict:
         """Forward/backward the shard's micro-batches (chosen + rejected in one forward each) and step.

@@ -1,11 +1,46 @@
-"""Command-line flags shared by `openrlhf-ditto train` and `train_ditto_ray`.
+"""Command-line flags shared by `openrlhf-ditto train` and `train_ditto_ray`, their checks, and both CLIs' error
+handling (one-line errors, exit codes).
 
 Names follow OpenRLHF 0.11.2's `train_ppo_ray` / `train_sft` (dotted groups, nested by `hierarchize`) wherever
 OpenRLHF has the same setting; the `--ditto.*` group holds DITTO's own. Defaults are the paper's (Mistral-7B).
 """
 
 import argparse
+import contextlib
+import importlib.util
+import math
+import sys
 from types import SimpleNamespace
+
+import torch
+
+from openrlhf_ditto.schedules import lr_scheduler
+
+
+@contextlib.contextmanager
+def exit_codes():
+    """The exit codes of both CLIs (README, "When things go wrong"): bad input of any kind (flags, paths, data,
+    model folders) 2, with one line; a run that stopped 1, Ctrl-C 130, SIGTERM 143, with where it stands."""
+    from openrlhf_ditto.trainer import RunFolderError, RunStopped
+
+    try:
+        yield
+    except (RunFolderError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RunStopped as e:
+        print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # before the run began (nothing written yet), or a second Ctrl-C while stopping
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (exit code 2, as argparse's): the usage of `train` is a screenful."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def add_ditto_args(parser: argparse.ArgumentParser) -> None:
@@ -199,38 +234,106 @@ def hierarchize(args: argparse.Namespace) -> SimpleNamespace:
     return build(root)
 
 
+def check_ranges(rows: list[tuple[str, float | None, str, str]]) -> None:
+    """Refuse the first (flag, value, valid range, hint) whose value lies outside its range ("> 0", ">= 1",
+    "[0, 1)", "finite"; a value of None is the flag's unset default). NaN and inf lie outside every range."""
+    for flag, value, valid, hint in rows:
+        if value is None:
+            continue
+        if valid == "finite":
+            ok = True
+        elif valid[0] in "[(":
+            low, high = (float(x) for x in valid[1:-1].split(","))
+            ok = (low <= value if valid[0] == "[" else low < value) and (
+                value <= high if valid[-1] == "]" else value < high
+            )
+        else:
+            op, bound = valid.split()
+            ok = value > float(bound) if op == ">" else value >= float(bound)
+        if not (ok and math.isfinite(value)):
+            shown = f"{value:g}" if isinstance(value, float) else value
+            raise ValueError(f"{flag} {shown}: must be {'in ' if valid[0] in '[(' else ''}{valid} ({hint})")
+
+
+def check_input_template(template: str | None) -> None:
+    """--data.input_template places the prompt at its one "{}" (str.format): without one every prompt would render
+    the same text, and other fields ("{question}") fail in the middle of loading the demos."""
+    try:
+        ok = template is None or template.format("\0").count("\0") == 1
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"--data.input_template {template!r}: put {{}} where the prompt goes, once, e.g. "
+            '"User: {}\\nAssistant: " (and write other braces twice: {{ and }})'
+        )
+
+
 def validate(args: SimpleNamespace) -> None:
-    """Refuse impossible settings before any work starts, saying which flag to change."""
-    f = args.ditto.pair_fractions
-    if len(f) not in (3, 4) or min(f) < 0 or abs(sum(f) - 1) > 1e-6:
-        raise SystemExit(
-            f"error: --ditto.pair_fractions {' '.join(map(str, f))}: give 3 shares (online, replay, inter-model; "
+    """Refuse impossible settings before any work starts, naming the flag and its valid range (ValueError)."""
+    a, d, r, t, lora = args.actor, args.ditto, args.rollout, args.train, args.ds.lora
+    check_ranges(
+        [
+            ("--rollout.n_samples_per_prompt", r.n_samples_per_prompt, ">= 1", "paper: 10"),
+            ("--rollout.max_new_tokens", r.max_new_tokens, ">= 1", "default: 512"),
+            ("--rollout.temperature", r.temperature, "> 0", "default: 1.0"),
+            ("--rollout.top_p", r.top_p, "(0, 1]", "default: 1.0"),
+            ("--rollout.micro_batch_size", r.micro_batch_size, ">= 1", "default: 8"),
+            ("--train.batch_size", t.batch_size, ">= 1", "paper: 24"),
+            ("--train.micro_batch_size", t.micro_batch_size, ">= 1", "default: 8"),
+            ("--train.seed", t.seed, ">= 0", "default: 42"),
+            ("--actor.adam.lr", a.adam.lr, "> 0", "paper: 1e-6"),
+            *(("--actor.adam.betas", beta, "[0, 1)", "default: 0.9 0.95") for beta in a.adam.betas),
+            ("--actor.adam.weight_decay", a.adam.weight_decay, ">= 0", "default: 0"),
+            ("--actor.lr_warmup_ratio", a.lr_warmup_ratio, "[0, 1]", "paper: 0.25"),
+            ("--actor.max_norm", a.max_norm, "> 0", "default: 1.0"),
+            ("--ds.lora.rank", lora.rank, ">= 0", "paper: 32; 0 trains all parameters"),
+            ("--ds.lora.alpha", lora.alpha, ">= 1", "paper: 64"),
+            ("--ds.lora.dropout", lora.dropout, "[0, 1)", "default: 0"),
+            ("--ditto.sft_steps", d.sft_steps, ">= 0", "paper: 30; 0 skips SFT"),
+            ("--ditto.sft_stop_loss", d.sft_stop_loss, ">= 0", "paper: 1.0"),
+            ("--ditto.sft_lr", d.sft_lr, "> 0", "paper: 3e-5"),
+            ("--ditto.sft_warmup_ratio", d.sft_warmup_ratio, "[0, 1]", "paper: 0.2"),
+            ("--ditto.iterations", d.iterations, ">= 1", "paper: 4"),
+            ("--ditto.resample_every", d.resample_every, ">= 1", "paper: 10"),
+            ("--ditto.beta", d.beta, "> 0", "paper: 0.05"),
+            ("--ditto.label_smoothing", d.label_smoothing, "[0, 0.5)", "default: 0, plain DPO; 0.5 learns nothing"),
+            ("--ditto.nll_coef", d.nll_coef, ">= 0", "default: 0"),
+            ("--ckpt.max_num", args.ckpt.max_num, ">= 1", "default: 3"),
+        ]
+    )
+    check_input_template(args.data.input_template)
+    f = d.pair_fractions
+    if len(f) not in (3, 4) or not all(0 <= x <= 1 for x in f) or abs(sum(f) - 1) > 1e-6:
+        raise ValueError(
+            f"--ditto.pair_fractions {' '.join(map(str, f))}: give 3 shares (online, replay, inter-model; "
             "paper: 0.7 0.2 0.1) or 4 (and external pairs, e.g. 0.6 0.2 0.1 0.1), each >= 0, summing to 1"
         )
     external = len(f) == 4 and f[3] > 0
-    if external != bool(args.ditto.extra_pairs):
-        raise SystemExit(
-            "error: external pairs need both --ditto.extra_pairs FILE and a fourth --ditto.pair_fractions share, e.g. "
+    if external != bool(d.extra_pairs):
+        raise ValueError(
+            "external pairs need both --ditto.extra_pairs FILE and a fourth --ditto.pair_fractions share, e.g. "
             "0.6 0.2 0.1 0.1"
         )
-    if args.rollout.n_samples_per_prompt < 1:
-        raise SystemExit(
-            f"error: --rollout.n_samples_per_prompt (M) is {args.rollout.n_samples_per_prompt}; it must be >= 1 "
-            "(paper: 10)"
+    if r.max_new_tokens >= args.data.max_len:
+        raise ValueError(
+            f"--rollout.max_new_tokens {r.max_new_tokens} leaves no room for the prompt in --data.max_len "
+            f"{args.data.max_len}; the prompt budget is max_len - max_new_tokens: raise --data.max_len"
         )
-    if args.rollout.max_new_tokens >= args.data.max_len:
-        raise SystemExit(
-            f"error: --rollout.max_new_tokens {args.rollout.max_new_tokens} leaves no room for the prompt in "
-            f"--data.max_len {args.data.max_len}; the prompt budget is max_len - max_new_tokens: raise --data.max_len"
-        )
-    for flag, value in [
-        ("--ditto.iterations", args.ditto.iterations),
-        ("--ditto.resample_every", args.ditto.resample_every),
-        ("--train.batch_size", args.train.batch_size),
-        ("--train.micro_batch_size", args.train.micro_batch_size),
-        ("--ckpt.max_num", args.ckpt.max_num),
-    ]:
-        if value < 1:
-            raise SystemExit(f"error: {flag} is {value}; it must be >= 1")
+    # built here on a stand-in optimiser, so that a name the backends cannot build fails now, not after SFT
+    for flag, name, ratio, steps in (
+        ("--ditto.sft_lr_scheduler", d.sft_lr_scheduler, d.sft_warmup_ratio, d.sft_steps),
+        ("--actor.lr_scheduler", a.lr_scheduler, a.lr_warmup_ratio, d.iterations * d.resample_every),
+    ):
+        try:
+            optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            lr_scheduler(name, optimizer, ratio, max(steps, 1), getattr(a, "min_lr_ratio", None))
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"{flag} {name}: {str(e).splitlines()[0][:300]}; give a transformers schedule that needs no "
+                "other settings: constant_with_warmup, cosine, linear, polynomial, ..."
+            ) from None
+    if args.logger.wandb.key and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--logger.wandb.key needs W&B's client: pip install wandb (or leave out --logger.wandb.key)")
     if args.resume and args.overwrite:
-        raise SystemExit("error: --resume continues a run and --overwrite deletes it: give one of them")
+        raise ValueError("--resume continues a run and --overwrite deletes it: give one of them")

@@ -3,18 +3,24 @@
 (DITTO's pairs for OpenRLHF DPO)."""
 
 import argparse
-import sys
+import math
 from pathlib import Path
 
 from openrlhf_ditto import __version__
-from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
+from openrlhf_ditto.cli.args import (
+    Parser,
+    add_ditto_args,
+    check_input_template,
+    check_ranges,
+    exit_codes,
+    hierarchize,
+    validate,
+)
 from openrlhf_ditto.pairs import KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="openrlhf-ditto", description="DITTO: align a language model to a handful of demonstrations."
-    )
+    parser = Parser(prog="openrlhf-ditto", description="DITTO: align a language model to a handful of demonstrations.")
     parser.add_argument("--version", action="version", version=f"openrlhf-ditto {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,quickstart,eval,serve-reward,export-pairs}")
     train = sub.add_parser("train", help="run DITTO on one machine (CPU or one GPU)", description=__doc__)
@@ -67,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export = sub.add_parser("export-pairs", help="write DITTO's ranked pairs as OpenRLHF train_dpo records (JSONL)")
     export.add_argument("run", help="the run folder (--ckpt.output_dir of `openrlhf-ditto train`)")
-    export.add_argument("--out", required=True, help="the JSONL file to write")
+    export.add_argument("--out", required=True, help="the JSONL file to write (outside any run folder)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.add_argument("--num", type=int, default=None, help="pairs to draw (default: as many as the run trained on)")
     export.add_argument(
         "--kinds",
@@ -80,12 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_export(ns: argparse.Namespace) -> None:
+    check_ranges(
+        [
+            ("--num", ns.num, ">= 1", "default: as many as the run trained on"),
+            ("--seed", ns.seed, ">= 0", "default: 42"),
+        ]
+    )
+
+
 def _mix_entry(text: str) -> tuple[str, float]:
     url, _, weight = text.rpartition("=")
     try:
-        return url, float(weight)
+        value = float(weight)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not URL=WEIGHT, e.g. http://rm:5000/get_reward=1.0") from None
+        value = math.nan
+    if not url.startswith(("http://", "https://")) or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not URL=WEIGHT, e.g. http://rm:5000/get_reward=1.0")
+    return url, value
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +190,29 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--judge.batch_size", type=int, default=8, help="local: judgments per forward (default: 8)")
 
 
+def validate_eval(args) -> None:
+    r, j = args.rollout, args.judge
+    check_ranges(
+        [
+            ("--seed", args.seed, ">= 0", "default: 42"),
+            ("--few_shot.k", args.few_shot.k, ">= 1", "default: all the run's demos"),
+            ("--rollout.n_samples_per_prompt", r.n_samples_per_prompt, ">= 1", "paper: 3"),
+            ("--rollout.max_new_tokens", r.max_new_tokens, ">= 1", "default: the run's"),
+            ("--rollout.temperature", r.temperature, "> 0", "paper: 1.0"),
+            ("--rollout.top_p", r.top_p, "(0, 1]", "default: 1.0"),
+            ("--rollout.batch_size", r.batch_size, ">= 1", "default: 8"),
+            ("--vllm.gpu_memory_utilization", args.vllm.gpu_memory_utilization, "(0, 1]", "default: 0.9, 0.1 on CPU"),
+            ("--judge.concurrency", j.concurrency, ">= 1", "default: 8"),
+            ("--judge.timeout", j.timeout, "> 0", "default: 60"),
+            ("--judge.retries", j.retries, ">= 0", "default: 4"),
+            ("--judge.batch_size", j.batch_size, ">= 1", "default: 8"),
+        ]
+    )
+    check_input_template(args.data.input_template)
+    if j.url is not None and not j.url.startswith(("http://", "https://")):
+        raise ValueError(f"--judge.url {j.url}: give the API's base URL, e.g. http://judge-host:8000/v1")
+
+
 def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models: a finished DITTO run, or a policy and its reference")
     g.add_argument(
@@ -220,6 +262,24 @@ def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def validate_serve_reward(args) -> None:
+    check_ranges(
+        [
+            ("--beta", args.beta, "> 0", "default with --run: the run's --ditto.beta"),
+            ("--scale", args.scale, "> 0", "default: 1"),
+            ("--offset", args.offset, "finite", "default: 0"),
+            *(("--clip_range", x, "finite", "LOW HIGH") for x in args.clip_range or ()),
+            ("--data.max_len", args.data.max_len, ">= 2", "default: the run's --data.max_len, else 2048"),
+            ("--port", args.port, "[1, 65535]", "default: 5000"),
+            ("--batch_size", args.batch_size, ">= 1", "default: 32"),
+            ("--batch_wait_ms", args.batch_wait_ms, ">= 0", "default: 5"),
+        ]
+    )
+    if args.clip_range and not args.clip_range[0] < args.clip_range[1]:
+        low, high = args.clip_range
+        raise ValueError(f"--clip_range {low:g} {high:g}: LOW must be below HIGH")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -228,10 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from transformers.utils import logging as hf_logging
 
-    from openrlhf_ditto.trainer import RunFolderError, RunStopped
-
     hf_logging.disable_progress_bar()  # a bar per model load and save; ours say what the run is doing
-    try:
+    with exit_codes():
         if ns.command == "train":
             from openrlhf_ditto.backends.local import LocalBackend
             from openrlhf_ditto.trainer import train
@@ -239,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
 
             args = hierarchize(ns)
             validate(args)
+            u = args.vllm.gpu_memory_utilization
+            check_ranges([("--vllm.gpu_memory_utilization", u, "(0, 1]", "default: 0.3, 0.1 on CPU")])
             if is_multi_user(args):
                 from openrlhf_ditto.backends.multi_lora import MultiLoraBackend
 
@@ -257,15 +317,19 @@ def main(argv: list[str] | None = None) -> None:
             from openrlhf_ditto.users import evaluate_users
 
             args = hierarchize(ns)
+            validate_eval(args)
             print(f"report: {(evaluate_users if (Path(ns.run) / 'users').is_dir() else evaluate)(args)}")
         elif ns.command == "serve-reward":
             from openrlhf_ditto.reward import serve
 
-            serve(hierarchize(ns))
+            args = hierarchize(ns)
+            validate_serve_reward(args)
+            serve(args)
         elif ns.command == "export-pairs":
             from openrlhf_ditto.export import export_pairs
 
-            counts, changed, max_len = export_pairs(ns.run, ns.out, ns.num, ns.kinds, ns.seed)
+            validate_export(ns)
+            counts, changed, max_len = export_pairs(ns.run, ns.out, ns.num, ns.kinds, ns.seed, ns.overwrite)
             print(
                 f"wrote {sum(counts.values())} pairs ({', '.join(f'{k} {counts[k]}' for k in KINDS if counts[k])}) to "
                 f"{ns.out}; train on them with python -m openrlhf.cli.train_dpo --data.dataset {ns.out} "
@@ -279,15 +343,6 @@ def main(argv: list[str] | None = None) -> None:
                     "the budget, turns that end with another token) and re-tokenizes text (a sample cut inside a "
                     "character)"
                 )
-    except (RunFolderError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RunStopped as e:
-        print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:  # before the run began (nothing written yet), or a second Ctrl-C while stopping
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

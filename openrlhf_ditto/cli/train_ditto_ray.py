@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
+from openrlhf_ditto.cli.args import Parser, add_ditto_args, check_ranges, exit_codes, hierarchize, validate
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m openrlhf_ditto.cli.train_ditto_ray",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,46 +99,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_ray(args) -> None:
-    """What the Ray roles need on top of `validate`, each error naming the flag to change."""
+    """What the Ray roles need on top of `validate`, each error naming the flag to change (ValueError)."""
+    check_ranges(
+        [
+            ("--actor.num_nodes", args.actor.num_nodes, ">= 1", "default: 1"),
+            ("--actor.num_gpus_per_node", args.actor.num_gpus_per_node, ">= 1", "default: 8"),
+            ("--ref.num_nodes", args.ref.num_nodes, ">= 1", "default: 1"),
+            ("--ref.num_gpus_per_node", args.ref.num_gpus_per_node, ">= 1", "default: 8"),
+            ("--vllm.tensor_parallel_size", args.vllm.tensor_parallel_size, ">= 1", "default: 1"),
+            ("--vllm.gpu_memory_utilization", args.vllm.gpu_memory_utilization, "(0, 1]", "default: 0.95"),
+            ("--ds.zero_stage", args.ds.zero_stage, "[0, 3]", "default: 2"),
+            ("--ds.zpg", args.ds.zpg, ">= 1", "default: 1"),
+            ("--actor.adam.eps", args.actor.adam.eps, "> 0", "default: 1e-8"),
+            ("--actor.min_lr_ratio", args.actor.min_lr_ratio, "[0, 1]", "default: 0.1"),
+        ]
+    )
+    if args.vllm.sync_backend not in ("nccl", "gloo"):
+        raise ValueError(f"--vllm.sync_backend {args.vllm.sync_backend}: give nccl (GPUs) or gloo")
     if args.ditto.sft_steps != 0:
-        raise SystemExit(
-            "error: train_ditto_ray starts from an SFT checkpoint: run openrlhf.cli.train_sft on the demos "
+        raise ValueError(
+            "train_ditto_ray starts from an SFT checkpoint: run openrlhf.cli.train_sft on the demos "
             "(recipes/ditto_mistral7b.sh, stage 1) and pass its merged model with --ditto.sft_steps 0"
         )
     v, a, r = args.vllm, args.actor, args.ref
     if not v.num_engines or v.num_engines < 1:
-        raise SystemExit("error: DITTO samples with vLLM: give --vllm.num_engines >= 1")
+        raise ValueError("DITTO samples with vLLM: give --vllm.num_engines >= 1")
     actor_gpus = a.num_nodes * a.num_gpus_per_node
     colocated = args.train.colocate_all or args.train.colocate_actor_ref
     if colocated and (a.num_nodes, a.num_gpus_per_node) != (r.num_nodes, r.num_gpus_per_node):
-        raise SystemExit(
-            "error: a colocated reference runs one rank beside each policy rank: --ref.num_nodes and "
+        raise ValueError(
+            "a colocated reference runs one rank beside each policy rank: --ref.num_nodes and "
             "--ref.num_gpus_per_node must equal --actor.num_nodes and --actor.num_gpus_per_node"
         )
     if args.train.colocate_all and actor_gpus != v.num_engines * v.tensor_parallel_size:
-        raise SystemExit(
-            f"error: --train.colocate_all puts one vLLM GPU on each policy GPU: --vllm.num_engines x "
+        raise ValueError(
+            f"--train.colocate_all puts one vLLM GPU on each policy GPU: --vllm.num_engines x "
             f"--vllm.tensor_parallel_size ({v.num_engines} x {v.tensor_parallel_size}) must equal --actor.num_nodes x "
             f"--actor.num_gpus_per_node ({actor_gpus})"
         )
     # DeepSpeed builds both roles' engines with train_batch_size = micro-batch x accumulation steps x ranks
     for role, gpus in (("policy", actor_gpus), ("reference", r.num_nodes * r.num_gpus_per_node)):
         if args.train.batch_size % (args.train.micro_batch_size * gpus):
-            raise SystemExit(
-                f"error: --train.batch_size {args.train.batch_size} pairs must be a multiple of "
+            raise ValueError(
+                f"--train.batch_size {args.train.batch_size} pairs must be a multiple of "
                 f"--train.micro_batch_size x {role} GPUs ({args.train.micro_batch_size} x {gpus}): every rank runs "
                 "the same number of micro-batches per step"
             )
     if args.ds.load_in_4bit:
-        raise SystemExit(
-            "error: --ds.load_in_4bit cannot be used with DITTO: the vLLM engines hold pi_0 in bf16, so a 4-bit "
+        raise ValueError(
+            "--ds.load_in_4bit cannot be used with DITTO: the vLLM engines hold pi_0 in bf16, so a 4-bit "
             "policy would sample with other weights than it trains, and its packed 4-bit weights cannot be merged "
             "into them; drop it (LoRA in bf16 is the paper's setting; --ds.zero_stage 3 or --ds.adam_offload save "
             "memory)"
         )
     if r.offload and args.ds.zero_stage != 3:
-        raise SystemExit(
-            f"error: --ref.offload needs --ds.zero_stage 3: DeepSpeed offloads parameters only at ZeRO-3, and below "
+        raise ValueError(
+            f"--ref.offload needs --ds.zero_stage 3: DeepSpeed offloads parameters only at ZeRO-3, and below "
             f"it OpenRLHF runs the reference at stage 0, where the flag does nothing (stage {args.ds.zero_stage} "
             "given); add --ds.zero_stage 3 or drop --ref.offload"
         )
@@ -213,6 +230,7 @@ def resolve_model(name: str, dry_run: bool) -> Path:
             raise FileNotFoundError(
                 f"--actor.model_name_or_path {path} is not a Hugging Face model folder (no config.json)"
             )
+        check_causal_lm(path, "--actor.model_name_or_path")
         return path.resolve()
     from huggingface_hub import snapshot_download
 
@@ -261,9 +279,12 @@ def dry_run(args) -> None:
 
     from transformers import AutoTokenizer
 
-    from openrlhf_ditto.trainer import demos_and_store
+    from openrlhf_ditto.trainer import check_run_folder, demos_and_store
 
     model = Path(args.actor.model_name_or_path)
+    check_run_folder(args)
+    if args.ds.lora.rank > 0:
+        check_lora_targets(model, args.ds.lora.target_modules)
     store = demos_and_store(args, AutoTokenizer.from_pretrained(model))
     try:
         installed = version("openrlhf")
@@ -285,7 +306,7 @@ def dry_run(args) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> SimpleNamespace:
-    """Flags in, a checked namespace with absolute paths out (or SystemExit / FileNotFoundError saying why)."""
+    """Flags in, a checked namespace with absolute paths out (or ValueError / FileNotFoundError saying why)."""
     args = hierarchize(build_parser().parse_args(argv))
     validate(args)
     validate_ray(args)
@@ -294,9 +315,9 @@ def parse_args(argv: list[str] | None = None) -> SimpleNamespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from openrlhf_ditto.trainer import RunFolderError, train
+    from openrlhf_ditto.trainer import train
 
-    try:
+    with exit_codes():
         args = parse_args(argv)
         print(resource_plan(args))
         if args.dry_run:
@@ -306,9 +327,6 @@ def main(argv: list[str] | None = None) -> None:
 
         final = train(args, lambda path: build_openrlhf_backend(args, path))
         print(f"DITTO model saved to {final}")
-    except (RunFolderError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
