@@ -97,10 +97,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--judge",
         dest="judge.kind",
-        choices=("openai", "local"),
+        choices=("openai", "local", "style"),
         default="openai",
         help="openai: an OpenAI-compatible chat endpoint (key from OPENAI_API_KEY); local: a Hugging Face chat "
-        "model, reading its probabilities of A and B (default: openai)",
+        "model, reading its probabilities of A and B; style: no model, offline and deterministic, the output whose "
+        "character n-grams and words are closer to the user's demos and held-out response (surface style only) "
+        "(default: openai)",
     )
     g.add_argument(
         "--judge.model",
