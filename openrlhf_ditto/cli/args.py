@@ -159,6 +159,24 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ditto.nll_coef", type=float, default=0.0, help="weight of an NLL term on the demos' tokens (default: 0)"
     )
+    g.add_argument(
+        "--ditto.val_demos",
+        type=int,
+        default=0,
+        help="hold the last K demos out of training and log DITTO's implicit reward on them after every iteration "
+        "(val/ in the logs: judge-free model selection; default: 0, none)",
+    )
+    g.add_argument(
+        "--ditto.val_dataset",
+        default=None,
+        help="validate on your own held-out examples instead (a file read as the demos are); no demo is held out",
+    )
+    g.add_argument(
+        "--ditto.keep_best",
+        action="store_true",
+        help="final/ is the iteration (pi_0 included) with the best held-out margin, not the last; needs "
+        "--ditto.val_demos or --ditto.val_dataset",
+    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument(
@@ -232,5 +250,15 @@ def validate(args: SimpleNamespace) -> None:
     ]:
         if value < 1:
             raise SystemExit(f"error: {flag} is {value}; it must be >= 1")
+    if args.ditto.val_demos < 0 or (args.ditto.val_demos and args.ditto.val_dataset):
+        raise SystemExit(
+            f"error: --ditto.val_demos is {args.ditto.val_demos}; hold out K >= 1 demos, or give --ditto.val_dataset "
+            "(not both)"
+        )
+    if args.ditto.keep_best and not (args.ditto.val_demos or args.ditto.val_dataset):
+        raise SystemExit(
+            "error: --ditto.keep_best picks the iteration with the best held-out signal: give --ditto.val_demos K "
+            "or --ditto.val_dataset FILE"
+        )
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume continues a run and --overwrite deletes it: give one of them")
