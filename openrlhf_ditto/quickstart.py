@@ -19,10 +19,10 @@ HELD_OUT = [
     "How should I prepare for a job interview?",
 ]
 MARKERS = ("Short answer:", "Happy growing")
-FLAGS = [
+# The small-model preset: `openrlhf-ditto train` settings for a ~100M-parameter model on a CPU (see README, "Does
+# DITTO beat SFT?"). The quick start adds its data's lengths; benchmarks/heldout_authors.py runs it on real authors.
+SMALL_MODEL = [
     "--data.apply_chat_template",
-    "--data.max_len", "320",
-    "--rollout.max_new_tokens", "56",
     "--rollout.n_samples_per_prompt", "4",
     "--ditto.sft_steps", "30",
     "--ditto.sft_lr", "1e-3",  # LoRA on a 135M model needs a larger step than the paper's 3e-5 full 7B SFT
@@ -37,6 +37,7 @@ FLAGS = [
     "--ds.lora.rank", "16",
     "--ds.lora.alpha", "32",
 ]  # fmt: skip
+FLAGS = [*SMALL_MODEL, "--data.max_len", "320", "--rollout.max_new_tokens", "56"]
 
 
 def style_score(text: str) -> int:
