@@ -166,15 +166,21 @@ def main() -> None:
             conditions += [f"offline={out / 'offline' / 'final'}", f"updated_ref={previous}"]
             conditions += [f"sft_tight={out / 'tight' / 'reference'}", f"ditto_tight={out / 'tight' / 'final'}"]
         if args.per_iteration:
-            conditions += [f"iter_{t}={iteration_model(main_run, t)}" for t in range(1, iterations + 1)]
+            last = iterations + ("--ditto.keep_best" in recipe)  # without it, the last iteration is final/: ditto
+            conditions += [f"iter_{t}={iteration_model(main_run, t)}" for t in range(1, last)]
         judged = out / "eval"
         cli(["eval", "--run", str(main_run), "--data.dataset", str(held_out), "--judge", "style",
              "--rollout.n_samples_per_prompt", str(args.samples), "--output_dir", str(judged),
              "--conditions", *conditions])  # fmt: skip
         results[author] = json.loads((judged / "results.json").read_text())
-        results[author]["val"] = [
-            r for r in map(json.loads, (main_run / "metrics.jsonl").read_text().splitlines()) if r["prefix"] == "val"
-        ]
+        results[author]["val"] = {  # the held-out signal of every DITTO run with a final/ of its own
+            name: [
+                r
+                for r in map(json.loads, (out / name / "metrics.jsonl").read_text().splitlines())
+                if r["prefix"] == "val"
+            ]
+            for name in ["ditto", *variants]
+        }
         if not args.keep_models:  # ~0.5 GB each; the eval keeps their generations, the runs keep pi_0 and adapters
             for weights in out.glob("**/model.safetensors"):
                 if weights.parent != main_run / "reference":
@@ -230,10 +236,10 @@ def signal_vs_judge(results: dict) -> None:
     print("| author | iteration | val margin | val log-lik/token | judge: win rate over sft | over zero-shot |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     within = {"margin": [], "demo_logp_per_token": []}
-    picked, best, last = [], [], []
+    picked, best, last, across = [], [], [], []
     for a, r in results.items():
-        val = {int(v["iteration"]): v for v in r["val"]}
-        names = {0: "sft", **{t: f"iter_{t}" for t in val if f"iter_{t}" in r["matrix"]}}
+        val = {int(v["iteration"]): v for v in r["val"]["ditto"]}
+        names = {0: "sft", **{t: f"iter_{t}" if f"iter_{t}" in r["matrix"] else "ditto" for t in val if t}}
         judge = {t: 0.5 if n == "sft" else r["matrix"][n]["sft"][0] for t, n in names.items()}
         for t in sorted(names):
             zero = r["matrix"][names[t]]["zero-shot"][0]
@@ -247,6 +253,13 @@ def signal_vs_judge(results: dict) -> None:
         picked.append(judge[max(ts, key=lambda t: (val[t]["margin"], -t))])
         best.append(max(judge.values()))
         last.append(judge[max(ts)])
+        runs = {n: rows[-1] for n, rows in r["val"].items() if rows and n in r["matrix"]}
+        if len(runs) > 2:  # across runs of other settings: does the signal rank them as the judge does?
+            x, y = ranks([v["margin"] for v in runs.values()]), ranks([r["matrix"][n]["sft"][0] for n in runs])
+            across.append(np.corrcoef(x, y)[0, 1] if x.std() and y.std() else 0.0)
+    if across:
+        print(f"Across the DITTO runs of each author (main and variants): Spearman rho of the final val margin with "
+              f"the judge's win rate over SFT: mean {np.mean(across):+.2f} over {len(across)} authors")  # fmt: skip
     for key, rhos in within.items():
         print(f"Spearman rho of val {key} with the judge's win rate over SFT, within each author's iterations: "
               f"mean {np.mean(rhos):+.2f} over {len(rhos)} authors ({sum(r > 0 for r in rhos)} positive)")  # fmt: skip

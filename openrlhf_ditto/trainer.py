@@ -304,7 +304,8 @@ def say_how_final_compares(history: list[dict], kept: int, args: SimpleNamespace
         )
         return
     final, pi_0 = rows[kept][SELECT], rows.get(0, {}).get(SELECT, 0.0)
-    val = f"{args.ditto.val_dataset or f'the last {args.ditto.val_demos} demos'} (held out)"
+    k = args.ditto.val_demos
+    val = args.ditto.val_dataset or f"the last {k} demo{'s' * (k > 1)} of --data.dataset (held out of training)"
     if kept != last:
         print(
             f"final/ holds iteration {kept}'s policy{' (pi_0, the SFT warm start)' * (kept == 0)}, not the last "
