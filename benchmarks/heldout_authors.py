@@ -2,8 +2,7 @@
 
 DATA_DIR holds one folder per author (author_XX/demos.jsonl, author_XX/heldout.jsonl: {"prompt", "response"}),
 e.g. the DITTO paper's CMCC authors. For each author, exactly as a user would:
-  1. `openrlhf-ditto train` on the author's demos (SmolLM2-135M-Instruct, the small-model preset
-     `openrlhf_ditto.quickstart.SMALL_MODEL`, plus any --flags), then
+  1. `openrlhf-ditto train --preset small` on the author's demos (SmolLM2-135M-Instruct, plus any --flags), then
   2. `openrlhf-ditto eval --judge style` on the author's held-out answers: zero-shot, few-shot, SFT (pi_0) and
      DITTO, every pair both ways, 3 samples per prompt (the paper's protocol, with the offline style judge).
 Printed: DITTO's win rate against each baseline per author, the mean over authors with a 95% interval over authors
@@ -43,7 +42,7 @@ from transformers import AutoTokenizer
 
 from openrlhf_ditto.cli.main import main as cli
 from openrlhf_ditto.models import smollm2_path
-from openrlhf_ditto.quickstart import SMALL_MODEL
+from openrlhf_ditto.presets import SMALL_MODEL
 
 # The paper's CMCC numbers (Mistral-7B, GPT-4 judge): each method's win rate (Table 1), and the ablations.
 PAPER = {"zero-shot": 27.3, "few-shot": 46.9, "sft": 56.8, "ditto": 71.7}
@@ -132,11 +131,12 @@ def main() -> None:
     authors = args.authors or sorted(p.name for p in args.data_dir.iterdir() if (p / "demos.jsonl").exists())
     # room for the few-shot prompt (every demo before the question) in SmolLM2's 8192-token context
     budget = ["--data.max_len", "8192", "--rollout.max_new_tokens", str(args.tokens or 1024)]
-    recipe = [*SMALL_MODEL, *budget, *shlex.split(args.flags)]
+    recipe = ["--preset", "small", *budget, *shlex.split(args.flags)]
     if args.per_iteration:
         recipe += ["--ditto.val_demos", flag(recipe, "--ditto.val_demos", "1"), "--ckpt.max_num", "100"]
-    iterations = int(flag(recipe, "--ditto.iterations", "4"))
-    steps = iterations * int(flag(recipe, "--ditto.resample_every", "10"))
+    recipe_flags = [*SMALL_MODEL, *recipe]  # what the runs get: the preset's flags, then ours
+    iterations = int(flag(recipe_flags, "--ditto.iterations", "4"))
+    steps = iterations * int(flag(recipe_flags, "--ditto.resample_every", "10"))
     variants = dict(v.split("=", 1) for v in args.variant)
 
     results = {}
@@ -156,7 +156,7 @@ def main() -> None:
         if args.ablations:
             train(out / "offline", [*from_pi_0, "--ditto.iterations", "1", "--ditto.resample_every", str(steps)])
             previous = main_run / "reference"
-            warmup = flag(recipe, "--actor.lr_warmup_ratio", "0.25")
+            warmup = flag(recipe_flags, "--actor.lr_warmup_ratio", "0.25")
             for t in range(1, iterations + 1):  # the reference is the policy of the iteration before
                 stage = out / "updated_ref" / f"stage_{t}"
                 once = ["--actor.model_name_or_path", str(previous), "--ditto.iterations", "1"]
@@ -166,7 +166,9 @@ def main() -> None:
             conditions += [f"offline={out / 'offline' / 'final'}", f"updated_ref={previous}"]
             conditions += [f"sft_tight={out / 'tight' / 'reference'}", f"ditto_tight={out / 'tight' / 'final'}"]
         if args.per_iteration:
-            last = iterations + ("--ditto.keep_best" in recipe)  # without it, the last iteration is final/: ditto
+            last = iterations + (
+                "--ditto.keep_best" in recipe_flags
+            )  # without it, the last iteration is final/: ditto
             conditions += [f"iter_{t}={iteration_model(main_run, t)}" for t in range(1, last)]
         judged = out / "eval"
         cli(["eval", "--run", str(main_run), "--data.dataset", str(held_out), "--judge", "style",
@@ -187,7 +189,7 @@ def main() -> None:
                     weights.unlink()
         print(f"=== {author} done, {time.perf_counter() - started:.0f} s since the start", flush=True)
 
-    report(results, args, recipe, time.perf_counter() - started)
+    report(results, args, recipe_flags, time.perf_counter() - started)
 
 
 def report(results: dict, args, recipe: list[str], seconds: float) -> None:

@@ -8,6 +8,7 @@ import sys
 from openrlhf_ditto import __version__
 from openrlhf_ditto.cli.args import add_ditto_args, hierarchize, validate
 from openrlhf_ditto.pairs import KINDS
+from openrlhf_ditto.presets import PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"openrlhf-ditto {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,quickstart,eval,serve-reward,export-pairs}")
     train = sub.add_parser("train", help="run DITTO on one machine (CPU or one GPU)", description=__doc__)
+    train.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="settings measured for a kind of model, which the flags you give override: small (~100M parameters, "
+        "e.g. SmolLM2-135M; README: Does DITTO beat SFT?) (default: none, the paper's settings for 7B)",
+    )
     add_ditto_args(train)
     quick = sub.add_parser(
         "quickstart", help="DITTO on SmolLM2-135M-Instruct with bundled demos (offline, ~10 min on 2 CPU cores)"
@@ -172,7 +180,11 @@ def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
+    if ns.command == "train" and ns.preset:  # the preset's flags first, so that the user's own override them
+        at = argv.index("train") + 1
+        ns = parser.parse_args([*argv[:at], *PRESETS[ns.preset], *argv[at:]])
     if ns.command is None:
         parser.print_help()
         return
