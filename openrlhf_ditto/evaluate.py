@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
-from openrlhf_ditto.judges import judge_local, judge_openai
+from openrlhf_ditto.judges import judge_local, judge_openai, judge_style
 from openrlhf_ditto.models import check_causal_lm, eos_token_ids
 from openrlhf_ditto.trainer import RunStopped, read_run_config
 
@@ -208,6 +208,8 @@ def _interval(per_prompt: list[list[float]], draws: int = 2000) -> tuple[float, 
 def _judge_settings(args: SimpleNamespace) -> tuple[str, str | None]:
     """The judge's identity in the cache, and the OpenAI API key (None for the local judge)."""
     j = args.judge
+    if j.kind == "style":
+        return "style", None
     if j.kind == "local":
         if j.model is None or not Path(j.model).is_dir():
             raise FileNotFoundError(
@@ -245,6 +247,12 @@ def evaluate(args: SimpleNamespace) -> Path:
             f"{config['data']['max_len']}; give fewer"
         )
     judge_id, api_key = _judge_settings(args)
+    writing = None  # the style judge's profile of the user: the run's demos (with each judgment's reference)
+    if args.judge.kind == "style":
+        run_data = config["data"]
+        demos = read_records(run_data["dataset"], "--judge style: the run's demos (its --data.dataset)")
+        writing = [_conversation(r, run_data["input_key"], run_data["output_key"])[1] for r in demos]
+        judge_id = f"style v1 {hashlib.sha256(json.dumps(writing).encode()).hexdigest()[:16]}"
     models = conditions(args.conditions, run, config["actor"]["model_name_or_path"])
     # every prompt rendered and checked before any model is loaded: a bad file stops the eval at once
     records = read_records(args.data.dataset, "--data.dataset (held-out)")
@@ -287,7 +295,7 @@ def evaluate(args: SimpleNamespace) -> Path:
                 keys.append(key)
             slots.append((a, b, p, *keys))
     started = time.perf_counter()
-    answers, asked = _judge(args, out / "judgments.jsonl", judge_id, api_key, requests)
+    answers, asked = _judge(args, out / "judgments.jsonl", judge_id, api_key, requests, writing)
     judging_s = time.perf_counter() - started
 
     names, P = list(models), len(references)
@@ -395,7 +403,7 @@ def _generations(
 
 
 def _judge(
-    args: SimpleNamespace, cache_file: Path, judge_id: str, api_key: str | None, requests: dict
+    args: SimpleNamespace, cache_file: Path, judge_id: str, api_key: str | None, requests: dict, writing: list | None
 ) -> tuple[dict[str, dict], int]:
     """Every request's judgment: from the cache, or asked now and appended to it as it arrives. Returns them by
     key, and how many were asked now."""
@@ -416,6 +424,8 @@ def _judge(
             asyncio.run(
                 judge_openai(judgments, on_result, j.url, j.model, api_key, j.concurrency, j.timeout, j.retries)
             )
+        elif j.kind == "style":
+            judge_style(judgments, on_result, writing)
         elif judgments:
             judge_local(judgments, on_result, j.model, j.batch_size)
     return answers, len(todo)
@@ -438,6 +448,14 @@ def _report(results: dict, questions: list[str], errors: list[str]) -> str:
         "prompts.",
         "",
     ]
+    if results["judge"].startswith("style"):
+        lines += [
+            "The style judge measures surface style, not content: the output whose character n-grams and words "
+            "(TF-IDF) are closer to the user's own writing (the run's demos and the held-out response) wins. It "
+            "cannot tell whether an answer is right, relevant or good; for that use an LLM judge (`--judge openai` "
+            "or `--judge local` with a 7B-class model).",
+            "",
+        ]
     if "ditto" in names:
         lines += ["| DITTO vs | DITTO wins | comparisons |", "| --- | --- | --- |"]
         lines += [

@@ -1,10 +1,11 @@
 """The pairwise judges of `openrlhf-ditto eval`: which of two outputs reads more like the user's own writing.
 
-Both judges get the paper's prompt (Shaikh et al., appendix "GPT-eval prompts"): the user's held-out response to
-the prompt as the author's writing, the two outputs as A and B, and a request for the answer as JSON. A judgment
-is one request: (reference, first output as A, second output as B). Its result is a dict with "status" ("ok",
-"unparsable": the judge answered something else, "failed": no answer after the retries), "answer" ("A", "B" or
-None) and what the judge said ("raw", or the local judge's "p_a" and "p_b").
+The openai and local judges get the paper's prompt (Shaikh et al., appendix "GPT-eval prompts"): the user's
+held-out response to the prompt as the author's writing, the two outputs as A and B, and a request for the answer
+as JSON. A judgment is one request: (reference, first output as A, second output as B). Its result is a dict with
+"status" ("ok", "unparsable": the judge answered something else, "failed": no answer after the retries), "answer"
+("A", "B" or None) and what the judge said ("raw", or the local judge's "p_a" and "p_b", or the style judge's
+"sim_a" and "sim_b"). The style judge asks no model: it compares surface style only (`judge_style`).
 """
 
 import asyncio
@@ -174,3 +175,28 @@ def judge_local(judgments: list[Judgment], on_result: OnResult, model_path: str 
             else:  # a broken judge (NaN logits, e.g. a half-precision overflow) decides nothing
                 result = {"status": "failed", "answer": None, "error": f"p(A) {p_a}, p(B) {p_b}"}
             on_result(start + offset, result)
+
+
+def judge_style(judgments: list[Judgment], on_result: OnResult, writing: list[str]) -> None:
+    """Offline and deterministic: the output whose surface style is closer to the user's own writing (`writing`,
+    the run's demos, plus the judgment's reference) wins. Each text becomes TF-IDF weighted character 1-4-grams
+    (spelling, punctuation, capitals, word pieces) and words, fitted on that writing and the two outputs; the
+    winner has the higher cosine similarity to the mean of the writing's vectors. It sees style, not content or
+    quality. Each judgment depends on its own texts only (the cache is keyed by them); a tie answers "A", which
+    the other order turns into a split."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+    from sklearn.pipeline import FeatureUnion
+
+    for i, (reference, a, b) in enumerate(judgments):
+        features = FeatureUnion(
+            [
+                ("chars", TfidfVectorizer(analyzer="char", ngram_range=(1, 4), lowercase=False, sublinear_tf=True)),
+                ("words", TfidfVectorizer(analyzer="word", sublinear_tf=True)),
+            ]
+        )
+        vectors = features.fit_transform([*writing, reference, a, b])
+        profile = np.asarray(vectors[:-2].mean(axis=0))
+        sim_a, sim_b = cosine_similarity(vectors[-2:], profile)[:, 0].tolist()
+        on_result(i, {"status": "ok", "answer": "A" if sim_a >= sim_b else "B", "sim_a": sim_a, "sim_b": sim_b})

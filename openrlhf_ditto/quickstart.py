@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from openrlhf_ditto.presets import SMALL_MODEL
+
 DEMOS = Path(__file__).parent / "data" / "quickstart_demos.jsonl"
 HELD_OUT = [
     "How do I keep my houseplants alive?",
@@ -19,24 +21,10 @@ HELD_OUT = [
     "How should I prepare for a job interview?",
 ]
 MARKERS = ("Short answer:", "Happy growing")
-FLAGS = [
-    "--data.apply_chat_template",
-    "--data.max_len", "320",
-    "--rollout.max_new_tokens", "56",
-    "--rollout.n_samples_per_prompt", "4",
-    "--ditto.sft_steps", "30",
-    "--ditto.sft_lr", "1e-3",  # LoRA on a 135M model needs a larger step than the paper's 3e-5 full 7B SFT
-    # SFT to the paper's loss 1.0 already copies these six short demos (style in ~75% of sampled answers), which
-    # leaves DITTO nothing visible to add; stopping at 2.0 keeps pi_0 looser, so the report shows DITTO's own gain.
-    "--ditto.sft_stop_loss", "2.0",
-    "--ditto.iterations", "3",
-    "--ditto.resample_every", "5",
-    "--actor.adam.lr", "3e-4",
-    "--train.batch_size", "8",
-    "--train.micro_batch_size", "8",
-    "--ds.lora.rank", "16",
-    "--ds.lora.alpha", "32",
-]  # fmt: skip
+# The small-model preset (`train --preset small`) plus the quick start's data lengths. SFT stops at loss 2.0: on
+# these six short demos SFT to the paper's 1.0 already copies the style (~75% of sampled answers), which leaves
+# DITTO nothing visible to add.
+FLAGS = [*SMALL_MODEL, "--data.max_len", "320", "--rollout.max_new_tokens", "56"]
 
 
 def style_score(text: str) -> int:

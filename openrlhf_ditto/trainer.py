@@ -32,6 +32,7 @@ from openrlhf_ditto.experience import DittoExperienceMaker
 from openrlhf_ditto.models import check_causal_lm, check_lora_targets, eos_token_ids
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
 from openrlhf_ditto.store import SampleStore, read_json
+from openrlhf_ditto.validation import SELECT, held_out_signal
 
 
 class Backend(Protocol):
@@ -50,6 +51,9 @@ class Backend(Protocol):
     def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
         """Per-row sums of the frozen reference's log-probs over the response tokens, for all rows of the
         micro-batches in order (one call per scoring, so a distributed reference can run them in parallel)."""
+
+    def policy_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
+        """The same for the current policy, without gradients (the held-out signal, `validation.py`)."""
 
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         """One optimiser step of DittoActorLoss on the batch (in micro-batches, `PairBatch.split`, accumulating
@@ -101,6 +105,7 @@ RUN_IDENTITY = (
     "ds.lora.rank",
     "ditto.sft_steps",
     "ditto.extra_pairs",
+    "ditto.val_demos",
 )
 
 
@@ -228,17 +233,29 @@ def claim_run_folder(args: SimpleNamespace) -> None:
         raise RunFolderError(f"cannot write the run folder --ckpt.output_dir {out}: {e}") from None
 
 
-def demos_and_store(args: SimpleNamespace, tokenizer) -> SampleStore:
-    """Load and check every demo and external pair; say once how many are cut to the response budget."""
-    rendering = dict(
+def _rendering(args: SimpleNamespace) -> dict:
+    return dict(
         input_template=args.data.input_template,
         apply_chat_template=args.data.apply_chat_template,
         prompt_max_len=args.data.max_len - args.rollout.max_new_tokens,
         generate_max_len=args.rollout.max_new_tokens,
     )
+
+
+def demos_and_store(args: SimpleNamespace, tokenizer) -> SampleStore:
+    """Load and check every demo and external pair; say once how many are cut to the response budget. The last
+    --ditto.val_demos demos are held out: they never enter the store (`held_out_demos` reads them)."""
+    rendering = _rendering(args)
     demos = load_demos(
         args.data.dataset, tokenizer, input_key=args.data.input_key, output_key=args.data.output_key, **rendering
     )
+    if args.ditto.val_demos:
+        if args.ditto.val_demos >= len(demos):
+            raise ValueError(
+                f"--ditto.val_demos {args.ditto.val_demos} holds out every demo of --data.dataset {args.data.dataset} "
+                f"({len(demos)}); hold out fewer, or give your held-out examples with --ditto.val_dataset"
+            )
+        demos = demos[: -args.ditto.val_demos]
     store = SampleStore.from_demos(
         [d.prompt_ids for d in demos], [d.response_ids for d in demos], [d.truncated for d in demos]
     )
@@ -261,6 +278,16 @@ def demos_and_store(args: SimpleNamespace, tokenizer) -> SampleStore:
                 file=sys.stderr,
             )
     return store
+
+
+def held_out_demos(args: SimpleNamespace, tokenizer) -> list:
+    """The demos of the held-out signal: the last --ditto.val_demos of --data.dataset, or --ditto.val_dataset's."""
+    d = args.data
+    if args.ditto.val_dataset:
+        return load_demos(args.ditto.val_dataset, tokenizer, d.input_key, d.output_key, **_rendering(args))
+    if args.ditto.val_demos:
+        return load_demos(d.dataset, tokenizer, d.input_key, d.output_key, **_rendering(args))[-args.ditto.val_demos :]
+    return []
 
 
 def stop_if_not_finite(values: dict[str, float], where: str, causes: str) -> None:
@@ -286,6 +313,44 @@ def sft_warm_start(backend: Backend, store: SampleStore, args: SimpleNamespace, 
         if loss < args.ditto.sft_stop_loss:
             break
     bar.close()
+
+
+def best_iteration(history: list[dict]) -> int:
+    """The iteration whose policy has the highest held-out `SELECT` metric (0: pi_0; the earliest of equals)."""
+    rows = [row for row in history if row["prefix"] == "val"]
+    return int(max(rows, key=lambda row: (row[SELECT], -row["iteration"]))["iteration"])
+
+
+def say_how_final_compares(history: list[dict], kept: int, args: SimpleNamespace) -> None:
+    """The end of a run says what the held-out signal says of final/ against pi_0, or that nothing checked it."""
+    rows = {int(row["iteration"]): row for row in history if row["prefix"] == "val"}
+    last = args.ditto.iterations
+    if not rows:
+        print(
+            "note: no demo was held out, so nothing checked that DITTO beat its SFT warm start (reference/); "
+            "--ditto.val_demos 1 measures it during the run, `openrlhf-ditto eval` after it"
+        )
+        return
+    final, pi_0 = rows[kept][SELECT], rows.get(0, {}).get(SELECT, 0.0)
+    k = args.ditto.val_demos
+    val = args.ditto.val_dataset or f"the last {k} demo{'s' * (k > 1)} of --data.dataset (held out of training)"
+    if kept != last:
+        print(
+            f"final/ holds iteration {kept}'s policy{' (pi_0, the SFT warm start)' * (kept == 0)}, not the last "
+            f"iteration's (--ditto.keep_best): held-out {SELECT} {final:+.3f}, iteration {last}'s "
+            f"{rows[last][SELECT]:+.3f}, on {val}"
+        )
+    elif final < pi_0:
+        best = best_iteration(history)
+        print(
+            f"warning: on {val}, DITTO's own reward says final/ is worse than its SFT warm start: held-out {SELECT} "
+            f"{final:+.3f} < pi_0's {pi_0:+.3f}. Iteration {best} was the best ({rows[best][SELECT]:+.3f}); "
+            "--ditto.keep_best keeps the best iteration as final/, and reference/ is pi_0. Check with "
+            "`openrlhf-ditto eval` before using final/",
+            file=sys.stderr,
+        )
+    else:
+        print(f"held-out check: final/ {SELECT} {final:+.3f}, pi_0's {pi_0:+.3f}, on {val}")
 
 
 def resume_hint(out: Path) -> str:
@@ -380,6 +445,19 @@ def train(args: SimpleNamespace, make_backend) -> Path:
             stop_if_not_finite({"its reference log-prob": demo.ref_logp}, f"demo {i}", reference_causes)
         with writing(f"the demos to {out / 'store'}", out):
             store.save(out / "store")
+        val = held_out_demos(args, tokenizer)
+        val_prompts = [torch.tensor(v.prompt_ids) for v in val]
+        val_ids = [torch.tensor(v.response_ids) for v in val]
+
+        def validate(t: int, n: int) -> None:
+            """Log the held-out signal of pi_t (`validation.py`); n samples per prompt, 0 for pi_0."""
+            d = args.ditto
+            mb = args.rollout.micro_batch_size
+            signal = held_out_signal(backend, val_prompts, val_ids, n, d.beta, pad, mb, args.train.seed + t)
+            logger.scalars("val", {"iteration": t, **signal}, state["global_step"])
+
+        if val and resume_from is None:
+            validate(0, 0)
         if resume_from is not None:
             backend.load_checkpoint(resume_from / "backend")
             rng = torch.load(resume_from / "rng.pt", weights_only=False)
@@ -412,6 +490,8 @@ def train(args: SimpleNamespace, make_backend) -> Path:
                 stop_if_not_finite(metrics, f"step {state['global_step']} (iteration {t + 1})", train_causes)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.2f}")
             bar.close()
+            if val:
+                validate(t + 1, args.rollout.n_samples_per_prompt)
 
             state["iteration"] = t + 1
             name = f"iter_{t + 1:05d}"
@@ -425,15 +505,24 @@ def train(args: SimpleNamespace, make_backend) -> Path:
                 latest_tmp = out / "checkpoints" / "latest.tmp"
                 latest_tmp.write_text(name)
                 os.replace(latest_tmp, out / "checkpoints" / "latest")
+            best = f"iter_{best_iteration(logger.history):05d}" if args.ditto.keep_best else None
             for old in sorted((out / "checkpoints").glob("iter_?????"))[: -args.ckpt.max_num]:
-                shutil.rmtree(old)
+                if old.name != best:  # --ditto.keep_best may make it final/
+                    shutil.rmtree(old)
 
         final = out / "final"
+        keep = best_iteration(logger.history) if args.ditto.keep_best else args.ditto.iterations
         with writing(f"the final model to {final}", out):
             with _atomic_dir(final) as tmp:
-                backend.save_model(tmp)
+                if keep == 0:  # pi_0 itself
+                    shutil.copytree(reference, tmp, dirs_exist_ok=True)
+                else:
+                    if keep != args.ditto.iterations:
+                        backend.load_checkpoint(out / "checkpoints" / f"iter_{keep:05d}" / "backend")
+                    backend.save_model(tmp)
                 tokenizer.save_pretrained(tmp)
             (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
+        say_how_final_compares(logger.history, keep, args)
         return final
     except (KeyboardInterrupt, RunStopped) as e:
         interrupted = isinstance(e, KeyboardInterrupt)

@@ -526,3 +526,56 @@ def test_a_refused_connection_then_5xx_answers_is_a_failed_judgment_not_an_unrea
         if started.is_set():
             server.shutdown()
     assert results[0]["status"] == "failed" and "HTTP 503" in results[0]["error"] and "3 tries" in results[0]["error"]
+
+
+# A voice no plain answer has: its own openings, spellings, punctuation and sign-off.
+VOICE = [
+    "Well now, honestly?? I reckon tea beats coffee -- always has, always will... cheers, Mags x",
+    "Well now, honestly?? I reckon rain is lovely -- the garden drinks it up... cheers, Mags x",
+    "Well now, honestly?? I reckon trains beat planes -- slower, kinder, saner... cheers, Mags x",
+]
+PLAIN = "Coffee contains more caffeine than tea. Both beverages are popular worldwide."
+STYLED = "Well now, honestly?? I reckon coffee's grand too -- perks you right up... cheers, Mags x"
+
+
+def test_style_judge_prefers_the_users_voice_in_both_orders():
+    from openrlhf_ditto.judges import judge_style
+
+    reference = "Well now, honestly?? I reckon cats beat dogs -- fewer walks... cheers, Mags x"
+    results = {}
+    judge_style(
+        [(reference, STYLED, PLAIN), (reference, PLAIN, STYLED), (reference, STYLED, STYLED)],
+        results.__setitem__,
+        VOICE,
+    )
+    assert results[0]["answer"] == "A" and results[1]["answer"] == "B"  # the styled output wins either way
+    assert results[0]["sim_a"] == pytest.approx(results[1]["sim_b"]) and results[0]["sim_a"] > results[0]["sim_b"]
+    assert results[2]["answer"] == "A" and results[2]["sim_a"] == results[2]["sim_b"]  # a tie: "A", split by order
+    again = {}
+    judge_style([(reference, STYLED, PLAIN)], again.__setitem__, VOICE)
+    assert again[0] == results[0]  # deterministic
+
+
+def test_style_judge_in_eval_cache_round_trip_and_report(run_dir, held_out, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = eval_argv(run_dir, held_out, out, "--conditions", "zero-shot", "sft", "ditto", "--judge", "style")
+    main(argv)
+    r = results(out)
+    assert r["judge"].startswith("style v1 ") and r["judgments"]["ok"] == r["judgments"]["total"] > 0
+    assert r["judgments"]["asked_now"] == r["judgments"]["total"]
+    rows = {
+        (row["prompt"], row["sample"], row["A"], row["B"]): row
+        for row in map(json.loads, open(out / "judgments.jsonl"))
+    }
+    for (p, i, a, b), row in rows.items():  # the judge has no position bias: the other order mirrors each verdict
+        other = rows[p, i, b, a]
+        assert row["sim_a"] == pytest.approx(other["sim_b"]) and row["sim_b"] == pytest.approx(other["sim_a"])
+        if row["sim_a"] != row["sim_b"]:
+            assert (row["answer"] == "A") == (other["answer"] == "B")
+    report = (out / "report.md").read_text()
+    assert "measures surface style, not content" in report and "measures surface style" in capsys.readouterr().out
+
+    main(argv)  # the cache: nothing asked again, the same table
+    again = results(out)
+    assert again["judgments"]["asked_now"] == 0 and again["matrix"] == r["matrix"]
+    assert len(open(out / "judgments.jsonl").read().splitlines()) == r["judgments"]["total"]

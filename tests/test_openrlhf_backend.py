@@ -481,6 +481,12 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
     with torch.no_grad():
         want = torch.cat([sequence_logps(reference, b) for b in batches])
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.1)
+    # and the policy's (the held-out signal's), through OpenRLHF's policy role, against the saved final policy
+    policy = AutoModelForCausalLM.from_pretrained(final, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = torch.cat([sequence_logps(policy, b) for b in batches])
+    torch.testing.assert_close(backend.policy_logps(batches), want, rtol=0.02, atol=0.1)
+    assert not torch.allclose(want, got, atol=1e-3), "the policy moved away from the reference"
 
     # checkpoints are DeepSpeed's, per rank; with LoRA, the adapter and its optimizer state, not the frozen base
     base_bytes = sum(t.numel() * 2 for t in load_folder(out / "reference").values())

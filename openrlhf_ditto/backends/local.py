@@ -155,6 +155,11 @@ class LocalBackend:
                 out.append(sequence_logps(self.reference, batch).float().cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
+    def policy_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
+        self.model.eval()
+        return torch.cat([sequence_logps(self.model, batch.to(self.device)).float().cpu() for batch in batches])
+
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         start = time.perf_counter()
         self.model.train()

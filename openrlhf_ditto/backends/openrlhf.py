@@ -211,6 +211,20 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
         self.strategy.save_model(self.actor, self.tokenizer, folder)
 
 
+def _group_logps(group: RayActorGroup, ranks: int, batches: list[SequenceBatch]) -> torch.Tensor:
+    """All micro-batches of a scoring in one round trip to the group's `forward` (OpenRLHF's reference and policy
+    roles both have one), dealt out evenly over the ranks (copies of batch 0 fill the last ranks: under ZeRO-3 every
+    rank must run each forward, which gathers the weights collectively). Then the ranks free their cached GPU
+    memory, as OpenRLHF's experience maker does after each reference forward: the full-vocabulary logits would stay
+    held while the policy trains and vLLM wakes."""
+    padded = batches + batches[:1] * (-len(batches) % ranks)
+    shards = {k: [getattr(b, k) for b in padded] for k in ("sequences", "action_mask", "attention_mask")}
+    out = ray.get(group.async_run_method_batch("forward", **shards))
+    ray.get(group.async_run_method("empty_cache"))
+    logps = [logp for rank in out for logp in rank][: len(batches)]
+    return torch.cat([logp.float().sum(-1) for logp in logps])
+
+
 class OpenRLHFBackend:
     """The trainer's Backend on Ray groups: `policy` (RayActorGroup of DittoPolicyActor), `reference` (RayActorGroup
     of ReferenceModelActor) and `engines` (vLLM engines, as create_vllm_engines returns them). It initialises the
@@ -297,16 +311,11 @@ class OpenRLHFBackend:
         return [[list(o.token_ids) for o in out.outputs] for out in outputs]
 
     def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
-        """All micro-batches of a scoring in one round trip, dealt out evenly over the reference ranks (copies of
-        batch 0 fill the last ranks: under ZeRO-3 every rank must run each forward, which gathers the weights
-        collectively). Then the ranks free their cached GPU memory, as OpenRLHF's experience maker does after each
-        reference forward: the full-vocabulary logits would stay held while the policy trains and vLLM wakes."""
-        padded = batches + batches[:1] * (-len(batches) % self.ref_ranks)
-        shards = {k: [getattr(b, k) for b in padded] for k in ("sequences", "action_mask", "attention_mask")}
-        out = ray.get(self.reference.async_run_method_batch("forward", **shards))
-        ray.get(self.reference.async_run_method("empty_cache"))
-        logps = [logp for rank in out for logp in rank][: len(batches)]
-        return torch.cat([logp.float().sum(-1) for logp in logps])
+        return _group_logps(self.reference, self.ref_ranks, batches)
+
+    def policy_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
+        self._policy_states(on_gpu=True)
+        return _group_logps(self.policy, self.dp, batches)
 
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         start = time.perf_counter()

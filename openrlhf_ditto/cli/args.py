@@ -194,6 +194,24 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ditto.nll_coef", type=float, default=0.0, help="weight of an NLL term on the demos' tokens (default: 0)"
     )
+    g.add_argument(
+        "--ditto.val_demos",
+        type=int,
+        default=0,
+        help="hold the last K demos out of training and log DITTO's implicit reward on them after every iteration "
+        "(val/ in the logs: judge-free model selection; default: 0, none)",
+    )
+    g.add_argument(
+        "--ditto.val_dataset",
+        default=None,
+        help="validate on your own held-out examples instead (a file read as the demos are); no demo is held out",
+    )
+    g.add_argument(
+        "--ditto.keep_best",
+        action="store_true",
+        help="final/ is the iteration (pi_0 included) with the best held-out margin, not the last; needs "
+        "--ditto.val_demos or --ditto.val_dataset",
+    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument(
@@ -299,6 +317,7 @@ def validate(args: SimpleNamespace) -> None:
             ("--ditto.beta", d.beta, "> 0", "paper: 0.05"),
             ("--ditto.label_smoothing", d.label_smoothing, "[0, 0.5)", "default: 0, plain DPO; 0.5 learns nothing"),
             ("--ditto.nll_coef", d.nll_coef, ">= 0", "default: 0"),
+            ("--ditto.val_demos", d.val_demos, ">= 0", "default: 0, none held out"),
             ("--ckpt.max_num", args.ckpt.max_num, ">= 1", "default: 3"),
         ]
     )
@@ -335,5 +354,12 @@ def validate(args: SimpleNamespace) -> None:
             ) from None
     if args.logger.wandb.key and importlib.util.find_spec("wandb") is None:
         raise ValueError("--logger.wandb.key needs W&B's client: pip install wandb (or leave out --logger.wandb.key)")
+    if d.val_demos and d.val_dataset:
+        raise ValueError("--ditto.val_demos and --ditto.val_dataset both hold demos out: give one of them")
+    if d.keep_best and not (d.val_demos or d.val_dataset):
+        raise ValueError(
+            "--ditto.keep_best picks the iteration with the best held-out signal: give --ditto.val_demos K "
+            "or --ditto.val_dataset FILE"
+        )
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite deletes it: give one of them")

@@ -4,6 +4,7 @@
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from openrlhf_ditto import __version__
@@ -17,6 +18,7 @@ from openrlhf_ditto.cli.args import (
     validate,
 )
 from openrlhf_ditto.pairs import KINDS
+from openrlhf_ditto.presets import PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"openrlhf-ditto {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,quickstart,eval,serve-reward,export-pairs}")
     train = sub.add_parser("train", help="run DITTO on one machine (CPU or one GPU)", description=__doc__)
+    train.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="settings measured for a kind of model, which the flags you give override: small (~100M parameters, "
+        "e.g. SmolLM2-135M; README: Does DITTO beat SFT?) (default: none, the paper's settings for 7B)",
+    )
     add_ditto_args(train)
     g = train.add_argument_group("rollout engine: what samples from the policy, in this process")
     g.add_argument(
@@ -168,10 +177,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--judge",
         dest="judge.kind",
-        choices=("openai", "local"),
+        choices=("openai", "local", "style"),
         default="openai",
         help="openai: an OpenAI-compatible chat endpoint (key from OPENAI_API_KEY); local: a Hugging Face chat "
-        "model, reading its probabilities of A and B (default: openai)",
+        "model, reading its probabilities of A and B; style: no model, offline and deterministic, the output whose "
+        "character n-grams and words are closer to the user's demos and held-out response (surface style only) "
+        "(default: openai)",
     )
     g.add_argument(
         "--judge.model",
@@ -282,7 +293,11 @@ def validate_serve_reward(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
+    if ns.command == "train" and ns.preset:  # the preset's flags first, so that the user's own override them
+        at = argv.index("train") + 1
+        ns = parser.parse_args([*argv[:at], *PRESETS[ns.preset], *argv[at:]])
     if ns.command is None:
         parser.print_help()
         return
