@@ -341,8 +341,16 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
     """
     if args.ds.lora.rank < 1:
         raise ValueError("many users share one base model through their LoRA adapters: --ds.lora.rank must be >= 1")
-    if args.ditto.extra_pairs:
-        raise ValueError("--ditto.extra_pairs is not supported with many users yet; train without it")
+    for flag, value in (
+        ("--ditto.extra_pairs", args.ditto.extra_pairs),
+        ("--ditto.val_demos", args.ditto.val_demos),
+        ("--ditto.val_dataset", args.ditto.val_dataset),
+        ("--ditto.keep_best", args.ditto.keep_best),
+    ):
+        if value:
+            raise ValueError(
+                f"{flag} is not supported with many users yet; train without it (`eval` checks each user)"
+            )
     check_run_folder(args)
     out = Path(args.ckpt.output_dir)
     if args.resume and (out / "run_config.json").exists() and not (out / "users").is_dir():

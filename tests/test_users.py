@@ -251,6 +251,8 @@ def test_a_new_user_or_new_demos_train_only_that_user(tiny_model_path, multi_run
         (["--ds.lora.rank", "0"], "--ds.lora.rank must be >= 1"),
         (["--data.dataset", "FILE"], "is not a folder"),
         (["--data.user_key", "author"], "no user key 'author'"),
+        (["--ditto.val_demos", "1"], "--ditto.val_demos is not supported with many users yet"),
+        (["--ditto.val_dataset", "FILE"], "--ditto.val_dataset is not supported with many users yet"),
     ],
 )
 def test_impossible_many_user_settings(tiny_model_path, users_dir, tmp_path, capsys, flags, expected):

@@ -114,7 +114,8 @@ def test_a_final_model_worse_than_pi_0_is_said_at_the_end(tiny_model_path, files
     [
         (["--ditto.keep_best"], "give --ditto.val_demos K or --ditto.val_dataset FILE"),
         (["--ditto.val_demos", "4"], "--ditto.val_demos 4 holds out every demo"),
-        (["--ditto.val_demos", "-1"], "--ditto.val_demos is -1"),
+        (["--ditto.val_demos", "-1"], "--ditto.val_demos -1: must be >= 0"),
+        (["--ditto.val_demos", "1", "--ditto.val_dataset", "FILE"], "--ditto.val_demos and --ditto.val_dataset both"),
     ],
 )
 def test_bad_validation_flags(tiny_model_path, files, tmp_path, capsys, flags, expected):

@@ -12,6 +12,7 @@ loop, experience maker, pair sampler, DittoActorLoss) is the one the local backe
 DITTO's SFT warm start is not run here: recipes/ditto_mistral7b.sh runs it with `openrlhf.cli.train_sft`.
 """
 
+import contextlib
 import copy
 import os
 import shutil
@@ -155,11 +156,17 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
             ray.get([engine.reset_prefix_cache.remote() for engine in self.vllm_engines])
         torch.cuda.empty_cache()
         zero3 = args.ds.zero_stage == 3
-        weights = weights_for_sync(
-            self.actor.model.module,
-            VLLM_DTYPE,
-            gather=lambda params: deepspeed.zero.GatheredParameters(params, enabled=zero3),
-        )
+
+        @contextlib.contextmanager
+        def gather(params):
+            # one GatheredParameters per parameter: a coalesced gather of a layer's weight with its LoRA A and B
+            # gave the weight half filled (ZeRO-3 on gloo: tests/test_openrlhf_backend.py, zero3-lora)
+            with contextlib.ExitStack() as stack:
+                for param in params:
+                    stack.enter_context(deepspeed.zero.GatheredParameters([param], enabled=zero3))
+                yield
+
+        weights = weights_for_sync(self.actor.model.module, VLLM_DTYPE, gather=gather)
         for name, weight in weights:
             if trainer.use_cuda_ipc:
                 weight = weight.clone()  # the handle must not point into a parameter that training will change
