@@ -388,6 +388,7 @@ def grad_norm_in_one_process(final, batch, args, lora: bool) -> float:
 
 SYNC = {"policy.offload", "policy.reload", "policy.sync", "engine.wake_up", "engine.reset_prefix_cache"}
 CONFIGS = [(2, 4), (3, 4), (2, 0), (3, 0)]
+RESUMED = [(2, 4), (3, 0)]  # ZeRO-2 with LoRA, ZeRO-3 full-parameter
 
 
 @pytest.mark.slow
@@ -503,7 +504,10 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
     assert backend.train_step(batch)["grad_norm"] == pytest.approx(expected, rel=0.05)
 
     # resume: a copy of the run, stopped after iteration 1, continues to the same samples and weights (vLLM samples
-    # each prompt with a seed from the driver's checkpointed RNG)
+    # each prompt with a seed from the driver's checkpointed RNG). Two configurations load both ZeRO stages' and
+    # both kinds of checkpoint; a third start of the roles in the other two would take CI past its time.
+    if (zero_stage, lora) not in RESUMED:
+        return
     shutil.copytree(out, tmp_path / "resumed", ignore=shutil.ignore_patterns("final", "iter_00002", "logs"))
     (tmp_path / "resumed" / "checkpoints" / "latest").write_text("iter_00001")
     release(cluster_roles)
