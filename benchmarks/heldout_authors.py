@@ -19,9 +19,10 @@ Printed: DITTO's win rate against each baseline per author, the mean over author
 --per_iteration judges every iteration's policy too (rebuilt from the run's checkpoints) and sets the held-out
 signal (--ditto.val_demos, val/ in metrics.jsonl) beside the judge's win rate over SFT.
 
---tokens N cuts every demo and held-out answer to its first N tokens and sets the response budget to N: a quick
-look on a CPU (the CMCC answers are ~700 tokens). Runs, generations and judgments are kept in --out per author:
-a killed benchmark continues where it stopped with the same command, and a new variant costs only its own run.
+--tokens N cuts every demo and held-out answer to its first N tokens and sets the response budget to N + 1 (the
+end of turn): a quick look on a CPU (the CMCC answers are ~700 tokens). Runs, generations and judgments are kept
+in --out per author: a killed benchmark continues where it stopped with the same command, and a new variant costs
+only its own run.
 
     python benchmarks/heldout_authors.py DATA_DIR                                   # all authors, whole answers
     python benchmarks/heldout_authors.py DATA_DIR --authors author_10 author_11 --tokens 128 --ablations
@@ -129,8 +130,9 @@ def main() -> None:
     model = str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(model)
     authors = args.authors or sorted(p.name for p in args.data_dir.iterdir() if (p / "demos.jsonl").exists())
-    # room for the few-shot prompt (every demo before the question) in SmolLM2's 8192-token context
-    budget = ["--data.max_len", "8192", "--rollout.max_new_tokens", str(args.tokens or 1024)]
+    # room for the few-shot prompt (every demo before the question) in SmolLM2's 8192-token context; a demo cut to
+    # N tokens still ends with its end-of-turn token, so N + 1 tokens
+    budget = ["--data.max_len", "8192", "--rollout.max_new_tokens", str(args.tokens + 1 if args.tokens else 1024)]
     recipe = ["--preset", "small", *budget, *shlex.split(args.flags)]
     if args.per_iteration:
         recipe += ["--ditto.val_demos", flag(recipe, "--ditto.val_demos", "1"), "--ckpt.max_num", "100"]

@@ -348,9 +348,7 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
         ("--ditto.keep_best", args.ditto.keep_best),
     ):
         if value:
-            raise ValueError(
-                f"{flag} is not supported with many users yet; train without it (`eval` checks each user)"
-            )
+            raise ValueError(f"{flag} is not supported with many users yet; train without it")
     check_run_folder(args)
     out = Path(args.ckpt.output_dir)
     if args.resume and (out / "run_config.json").exists() and not (out / "users").is_dir():

@@ -387,14 +387,14 @@ def grad_norm_in_one_process(final, batch, args, lora: bool) -> float:
 
 
 SYNC = {"policy.offload", "policy.reload", "policy.sync", "engine.wake_up", "engine.reset_prefix_cache"}
-CONFIGS = [(2, 4), (3, 4), (2, 0), (3, 0)]
+# ZeRO-2 full-parameter adds only the offload of a whole model's optimizer states to what the others cover, and
+# would take CI past its 30 minutes: `pytest -m beyond_ci tests/test_openrlhf_backend.py` runs it
+CONFIGS = [(2, 4), (3, 4), pytest.param(2, 0, marks=pytest.mark.beyond_ci), (3, 0)]
 RESUMED = [(2, 4), (3, 0)]  # ZeRO-2 with LoRA, ZeRO-3 full-parameter
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("zero_stage", "lora"), CONFIGS, ids=[f"zero{z}-{'lora' if r else 'full'}" for z, r in CONFIGS]
-)
+@pytest.mark.parametrize(("zero_stage", "lora"), CONFIGS, ids=["zero2-lora", "zero3-lora", "zero2-full", "zero3-full"])
 def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monkeypatch, zero_stage, lora):
     monkeypatch.chdir(tmp_path)  # the flags name relative paths; the Ray workers run in another directory
     (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DEMOS))
