@@ -168,10 +168,7 @@ def main() -> None:
             conditions += [f"offline={out / 'offline' / 'final'}", f"updated_ref={previous}"]
             conditions += [f"sft_tight={out / 'tight' / 'reference'}", f"ditto_tight={out / 'tight' / 'final'}"]
         if args.per_iteration:
-            last = iterations + (
-                "--ditto.keep_best" in recipe_flags
-            )  # without it, the last iteration is final/: ditto
-            conditions += [f"iter_{t}={iteration_model(main_run, t)}" for t in range(1, last)]
+            conditions += [f"iter_{t}={iteration_model(main_run, t)}" for t in range(1, iterations)]  # the last: ditto
         judged = out / "eval"
         cli(["eval", "--run", str(main_run), "--data.dataset", str(held_out), "--judge", "style",
              "--rollout.n_samples_per_prompt", str(args.samples), "--output_dir", str(judged),
@@ -267,7 +264,7 @@ def signal_vs_judge(results: dict) -> None:
     for key, rhos in within.items():
         print(f"Spearman rho of val {key} with the judge's win rate over SFT, within each author's iterations: "
               f"mean {np.mean(rhos):+.2f} over {len(rhos)} authors ({sum(r > 0 for r in rhos)} positive)")  # fmt: skip
-    print(f"Win rate over SFT of the iteration the margin picks (--ditto.keep_best): {interval(picked)}; of the last "
+    print(f"Win rate over SFT of the iteration with the best margin: {interval(picked)}; of the last "
           f"iteration: {interval(last)}; of the best iteration (judge's hindsight): {interval(best)}")  # fmt: skip
 
 

@@ -345,7 +345,6 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
         ("--ditto.extra_pairs", args.ditto.extra_pairs),
         ("--ditto.val_demos", args.ditto.val_demos),
         ("--ditto.val_dataset", args.ditto.val_dataset),
-        ("--ditto.keep_best", args.ditto.keep_best),
     ):
         if value:
             raise ValueError(f"{flag} is not supported with many users yet; train without it")

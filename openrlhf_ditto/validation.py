@@ -9,7 +9,8 @@ generalises. After each iteration, for pi_t:
   demo_reward, sample_reward   the two means
   demo_logp_per_token          log pi_t(demo | x) per token: how likely the held-out demos are
 pi_0 is the reference, so its margin is 0 by definition; only its log-likelihood is measured.
-`SELECT` is the metric --ditto.keep_best ranks iterations by, and the end of a run compares with pi_0's.
+`SELECT` is the metric the end of a run compares with pi_0's. On real authors (README, "Does DITTO beat SFT?")
+neither metric tracked the style judge: both fell at every iteration, also where the judge preferred DITTO.
 """
 
 import torch

@@ -206,12 +206,6 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="validate on your own held-out examples instead (a file read as the demos are); no demo is held out",
     )
-    g.add_argument(
-        "--ditto.keep_best",
-        action="store_true",
-        help="final/ is the iteration (pi_0 included) with the best held-out margin, not the last; needs "
-        "--ditto.val_demos or --ditto.val_dataset",
-    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument(
@@ -356,10 +350,5 @@ def validate(args: SimpleNamespace) -> None:
         raise ValueError("--logger.wandb.key needs W&B's client: pip install wandb (or leave out --logger.wandb.key)")
     if d.val_demos and d.val_dataset:
         raise ValueError("--ditto.val_demos and --ditto.val_dataset both hold demos out: give one of them")
-    if d.keep_best and not (d.val_demos or d.val_dataset):
-        raise ValueError(
-            "--ditto.keep_best picks the iteration with the best held-out signal: give --ditto.val_demos K "
-            "or --ditto.val_dataset FILE"
-        )
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite deletes it: give one of them")
