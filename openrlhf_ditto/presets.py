@@ -10,7 +10,7 @@ SMALL_MODEL = [
     "--ditto.sft_steps", "30",
     "--ditto.sft_lr", "1e-3",  # LoRA on a 135M model needs a larger step than the paper's 3e-5 full 7B SFT
     "--ditto.sft_stop_loss", "2.0",
-    "--ditto.iterations", "3",
+    "--ditto.iterations", "2",  # on real authors iteration 2 led SFT by 9.7 points and iteration 3 by 1.1 (README)
     "--ditto.resample_every", "5",
     "--actor.adam.lr", "3e-4",
     "--train.batch_size", "8",

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--data.dataset holds many users: the record key of the user's id (implies --data.users)",
     )
     quick = sub.add_parser(
-        "quickstart", help="DITTO on SmolLM2-135M-Instruct with bundled demos (offline, ~10 min on 2 CPU cores)"
+        "quickstart", help="DITTO on SmolLM2-135M-Instruct with bundled demos (offline, a few minutes on 2 CPU cores)"
     )
     quick.add_argument("--output_dir", default="./ditto_quickstart", help="run folder (model, report, plot)")
     quick.add_argument("--overwrite", action="store_true", help="delete a previous quick start in --output_dir")
