@@ -16,6 +16,7 @@ are asked again by the next run; unparsable ones are answers, kept.
 """
 
 import asyncio
+import copy
 import gc
 import hashlib
 import itertools
@@ -37,7 +38,7 @@ from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
 from openrlhf_ditto.judges import judge_local, judge_openai, judge_style
 from openrlhf_ditto.models import check_causal_lm, eos_token_ids
-from openrlhf_ditto.trainer import RunStopped, read_run_config
+from openrlhf_ditto.runfolder import RunStopped, read_run_config, write_atomic
 
 BUILT_IN = ("zero-shot", "few-shot", "sft", "ditto")
 OPENAI_URL = "https://api.openai.com/v1"
@@ -523,3 +524,94 @@ def _heatmap(names: list[str], matrix: dict, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def evaluate_users(args: SimpleNamespace) -> Path:
+    """`openrlhf-ditto eval` of a multi-user run: `evaluate` of each user (their folder reads as a single-user run) on
+    their own held-out prompts, then the paper's per-author table, a row per user and their average. --data.dataset is
+    a folder of held-out files named by user id, or one file with the user column (--data.user_key, default: the
+    run's). Returns the table's path (OUT/report.md; each user's own report is OUT/users/<id>/report.md)."""
+    from openrlhf_ditto.users import DEMO_FILES
+
+    run = Path(args.run)
+    config = json.loads((run / "run_config.json").read_text())
+    out = Path(args.output_dir or run / "eval")
+    path, key = Path(args.data.dataset), args.data.user_key or config["data"]["user_key"]
+    if key:
+        held_out: dict[str, list[dict]] = {}
+        for i, record in enumerate(read_records(path, "--data.dataset (held-out)")):
+            if key not in record:
+                raise ValueError(
+                    f"--data.dataset (held-out): {path}, record {i}: no user key {key!r} (--data.user_key)"
+                )
+            held_out.setdefault(str(record[key]), []).append(record)
+        files = {}
+        for uid, records in held_out.items():
+            files[uid] = out / "users" / uid / "held_out.jsonl"
+            files[uid].parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(
+                files[uid],
+                "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in records),
+            )
+    elif path.is_dir():
+        files = {f.stem: f for f in sorted(path.iterdir()) if f.suffix.lower() in DEMO_FILES}
+    else:
+        raise ValueError(
+            f"--data.dataset {path}: a multi-user run's held-out prompts are a folder of files named by user id, or "
+            "one file with a user column (--data.user_key)"
+        )
+    finished = {p.parent.name for p in (run / "users").glob("*/final")}
+    unknown = sorted(set(files) - finished)
+    if unknown:
+        raise ValueError(f"--data.dataset {path}: users {unknown} have no finished DITTO run in {run}/users")
+    results = {}
+    for uid in sorted(files):
+        user = copy.deepcopy(args)
+        user.run, user.data.dataset, user.output_dir = run / "users" / uid, files[uid], out / "users" / uid
+        user.data.user_key = None
+        print(f"\n# user {uid}")
+        evaluate(user)
+        results[uid] = json.loads((out / "users" / uid / "results.json").read_text())
+
+    names = list(next(iter(results.values()))["conditions"])
+    if "ditto" in names:  # the paper's table: DITTO's win rate against each baseline
+        columns = [
+            (f"DITTO vs {b}", lambda r, b=b: r["matrix"]["ditto"][b] and r["matrix"]["ditto"][b][0])
+            for b in names
+            if b != "ditto"
+        ]
+    else:  # each condition's mean win rate over the others
+        columns = [(c, lambda r, c=c: r["mean"][c]) for c in names]
+    rows = {uid: [cell(r) for _, cell in columns] for uid, r in results.items()}
+    average = []
+    for j in range(len(columns)):
+        values = [row[j] for row in rows.values() if row[j] is not None]
+        average.append(sum(values) / len(values) if values else None)
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        f"# DITTO eval, many users: {run}",
+        "",
+        f"Held-out prompts `{path}`, judge `{next(iter(results.values()))['judge']}`; each user's own report (matrix, "
+        "intervals, per prompt) is users/<id>/report.md.",
+        "",
+        "| user | " + " | ".join(name for name, _ in columns) + " |",
+        "| --- " * (len(columns) + 1) + "|",
+        *(f"| {uid} | " + " | ".join(pct(x) for x in row) + " |" for uid, row in rows.items()),
+        "| **average** | " + " | ".join(pct(x) for x in average) + " |",
+    ]
+    missing = sorted(finished - set(files))
+    if missing:
+        lines += ["", f"Not evaluated (no held-out prompts): {', '.join(missing)}."]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "report.md", text)
+    table = {uid: dict(zip([name for name, _ in columns], row)) for uid, row in rows.items()}
+    write_atomic(
+        out / "results.json",
+        json.dumps({"users": table, "average": dict(zip([n for n, _ in columns], average))}, indent=1),
+    )
+    print("\n" + text)
+    return out / "report.md"

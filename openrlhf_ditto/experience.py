@@ -11,8 +11,9 @@ import torch
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate, collate_pairs
 from openrlhf_ditto.store import Response, SampleStore
 
-# micro-batches of sequences -> per-row sums of the reference's log-probs over the response tokens, all rows in order
-RefLogpFn = Callable[[list[SequenceBatch]], torch.Tensor]
+# micro-batches of sequences, and the run of each row -> per-row sums of the reference's log-probs over the response
+# tokens, all rows in order
+RefLogpFn = Callable[[list[SequenceBatch], list[list[str]]], torch.Tensor]
 
 
 class DittoExperienceMaker:
@@ -24,6 +25,7 @@ class DittoExperienceMaker:
         pad_token_id: int,
         eos_token_ids: set[int],
         micro_batch_size: int = 8,
+        run: str = "",
     ):
         self.store = store
         self.sampler = sampler
@@ -31,41 +33,33 @@ class DittoExperienceMaker:
         self.pad_token_id = pad_token_id
         self.eos_token_ids = eos_token_ids
         self.micro_batch_size = micro_batch_size
+        self.run = run  # whose reference scores this store (one of a backend's runs)
 
-    def _score(self, responses: list[Response]) -> None:
-        """Fill in reference log-probs, once per response: micro-batches (longest first, so each pads little), all
-        handed to the reference in one call, which a distributed reference spreads over its ranks."""
-        order = sorted(responses, key=lambda r: len(r.ids) + len(self.store.prompt_of(r)), reverse=True)
-        if not order:
-            return
-        chunks = [order[i : i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
-        pad = self.pad_token_id
-        batches = [collate([self.store.prompt_of(r) for r in c], [r.ids for r in c], pad) for c in chunks]
-        for r, logp in zip(order, self.ref_logps_fn(batches).tolist(), strict=True):
-            r.ref_logp = logp
+    def unscored_inputs(self) -> list[Response]:
+        """The demos and external pair responses without a reference log-prob yet (a resumed store has them)."""
+        inputs = self.store.demos + [r for pair in self.store.external for r in pair]
+        return [r for r in inputs if r.ref_logp != r.ref_logp]  # NaN: not scored yet
 
     def score_inputs(self) -> None:
-        """Reference log-probs of the demos and the external pairs (once per run; a resumed store has them)."""
-        inputs = self.store.demos + [r for pair in self.store.external for r in pair]
-        self._score([r for r in inputs if r.ref_logp != r.ref_logp])  # NaN: not scored yet
+        """Reference log-probs of the demos and the external pairs (once per run)."""
+        score([(self, self.unscored_inputs())])
 
-    def make_experience(self, rollouts: list[list[list[int]]]) -> dict[str, float]:
-        """Store one iteration's rollouts: rollouts[p] holds the M sampled responses (token ids) of prompt p.
-
-        A response that does not end with an EOS hit the token limit: it is kept, flagged truncated.
-        Returns statistics of the iteration's samples.
-        """
+    def samples(self, rollouts: list[list[list[int]]]) -> list[Response]:
+        """One iteration's rollouts as responses to score: rollouts[p] holds the M sampled responses (token ids) of
+        prompt p. A response that does not end with an EOS hit the token limit: it is kept, flagged truncated."""
         if len(rollouts) != len(self.store.prompts):
             raise ValueError(f"got rollouts for {len(rollouts)} prompts, the store has {len(self.store.prompts)}")
         if any(len(ids) == 0 for group in rollouts for ids in group):
             raise ValueError("a rollout has no tokens; the generator must return at least one token per sample")
         t = self.store.num_iterations
-        samples = [
+        return [
             Response(p, torch.tensor(ids, dtype=torch.long), float("nan"), ids[-1] not in self.eos_token_ids, t)
             for p, group in enumerate(rollouts)
             for ids in group
         ]
-        self._score(samples)
+
+    def add_samples(self, samples: list[Response]) -> dict[str, float]:
+        """Store one iteration's scored samples; returns their statistics."""
         self.store.add_iteration(samples)
         lengths = torch.tensor([len(s.ids) for s in samples], dtype=torch.float32)
         return {
@@ -76,6 +70,31 @@ class DittoExperienceMaker:
             "samples/mean_ref_logp": sum(s.ref_logp for s in samples) / len(samples),
         }
 
+    def make_experience(self, rollouts: list[list[list[int]]]) -> dict[str, float]:
+        """Score and store one iteration's rollouts (`samples`); returns their statistics."""
+        samples = self.samples(rollouts)
+        score([(self, samples)])
+        return self.add_samples(samples)
+
     def pair_batch(self, batch_size: int) -> PairBatch:
         """Draw `batch_size` ranked pairs for the newest iteration and collate them into one tensor batch."""
         return collate_pairs(self.sampler.sample(batch_size), self.store, self.pad_token_id)
+
+
+def score(groups: list[tuple[DittoExperienceMaker, list[Response]]]) -> None:
+    """Fill in reference log-probs, once per response, of several runs' responses (their makers share one backend):
+    micro-batches across runs (longest first, so each pads little), all handed to the reference in one call, which
+    batches every run's rows together, and a distributed reference spreads over its ranks."""
+    rows = [(maker, r) for maker, responses in groups for r in responses]
+    if not rows:
+        return
+    first = groups[0][0]
+    order = sorted(rows, key=lambda x: len(x[1].ids) + len(x[0].store.prompt_of(x[1])), reverse=True)
+    size = first.micro_batch_size
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    batches = [
+        collate([m.store.prompt_of(r) for m, r in c], [r.ids for _, r in c], first.pad_token_id) for c in chunks
+    ]
+    runs = [[m.run for m, _ in c] for c in chunks]
+    for (_, r), logp in zip(order, first.ref_logps_fn(batches, runs).tolist(), strict=True):
+        r.ref_logp = logp

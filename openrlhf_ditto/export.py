@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 from openrlhf_ditto.pairs import KINDS, PairSampler
+from openrlhf_ditto.runfolder import read_run_config
 from openrlhf_ditto.store import SampleStore
-from openrlhf_ditto.trainer import read_run_config
 
 
 def export_pairs(

@@ -65,7 +65,7 @@ def check_lora_targets(path: str | os.PathLike, targets: list[str]) -> None:
         )
 
 
-def save_pretrained(model, folder: str | os.PathLike) -> None:
+def save_pretrained(model, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
     """`model.save_pretrained(folder)` (a transformers or peft model), minus the DeepSpeed import it makes: it asks
     accelerate to unwrap DeepSpeed engines, and accelerate imports DeepSpeed to do so whenever it is installed
     (1.5 s and a log line on a CPU). A model saved here is never wrapped in one."""
@@ -74,7 +74,7 @@ def save_pretrained(model, folder: str | os.PathLike) -> None:
     check = accelerate.utils.other.is_deepspeed_available
     accelerate.utils.other.is_deepspeed_available = lambda: False
     try:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
     finally:
         accelerate.utils.other.is_deepspeed_available = check
 

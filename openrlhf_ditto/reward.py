@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from openrlhf_ditto.loss import sequence_logps
 from openrlhf_ditto.models import check_causal_lm
 from openrlhf_ditto.pairs import collate
-from openrlhf_ditto.trainer import read_run_config
+from openrlhf_ditto.runfolder import read_run_config
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's own log, so that our lines show beside its
 # A request body is refused over QUERIES_PER_REQUEST x 2 (query, prompt) x --data.max_len x JSON_BYTES_PER_TOKEN

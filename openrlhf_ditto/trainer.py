@@ -1,25 +1,22 @@
-"""The DITTO controller loop (Algorithm 1 of the paper), the same for every execution backend.
+"""The DITTO controller loop (Algorithm 1 of the paper) over one run or many, the same for every execution backend.
 
-    SFT warm start on the demos -> pi_0, frozen as the reference
+    for each run (one per user; a single-user run is a list of one):
+        SFT warm start on its demos -> pi_0, frozen as its reference   (backend.sft_step, every run's rows at once)
     for t = 0 .. iterations-1:
-        sample M responses per demo prompt from pi_t           (backend.generate)
-        score them once with the reference, store them as D_t  (DittoExperienceMaker.make_experience)
-        resample_every optimiser steps on ranked pair batches  (backend.train_step)
-        checkpoint
-    save the final policy as a Hugging Face folder
+        sample M responses per demo prompt from each run's pi_t        (backend.generate, all prompts in one call)
+        score them once with their run's reference, store them as D_t  (experience.score, one call for all runs)
+        resample_every optimiser steps on ranked pair batches          (backend.train_step, every run's pairs at once)
+        checkpoint each run
+    save each run's final policy
 
-Run folder (--ckpt.output_dir): reference/ (pi_0), store/ (demos and samples, append-only),
-checkpoints/iter_XXXXX/ (written atomically; `latest` names the newest), final/ (the model), logs/ (TensorBoard).
+Each run has its own folder (runfolder.py: a single-user run's is --ckpt.output_dir, a user's of a many-users job
+users/<id>/), store, pair sampler, RNG, metrics and stop state: a non-finite value stops its run only.
 """
 
 import contextlib
-import json
 import math
-import os
-import shutil
-import signal
 import sys
-import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Protocol
@@ -27,117 +24,85 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from openrlhf_ditto.demos import load_demos, load_preference_pairs
-from openrlhf_ditto.experience import DittoExperienceMaker
+from openrlhf_ditto.demos import Demo, load_demos, load_preference_pairs
+from openrlhf_ditto.experience import DittoExperienceMaker, score
 from openrlhf_ditto.models import check_causal_lm, check_lora_targets, eos_token_ids
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
-from openrlhf_ditto.store import SampleStore, read_json
+from openrlhf_ditto.runfolder import (
+    RunFolderError,
+    RunStopped,
+    atomic_dir,
+    check_run_folder,
+    claim_run_folder,
+    jsonl,
+    read_checkpoint,
+    resume_hint,
+    sigterm_stops,
+    write_checkpoint,
+    writing,
+)
+from openrlhf_ditto.store import SampleStore
 from openrlhf_ditto.validation import SELECT, held_out_signal
+
+__all__ = ["Backend", "Run", "RunFolderError", "RunStopped", "run_ditto", "train"]
 
 
 class Backend(Protocol):
-    """What the loop asks of an execution backend (local torch, or OpenRLHF's Ray roles)."""
+    """What the loop asks of an execution backend (local torch, or OpenRLHF's Ray roles). A backend holds one or
+    more runs, by id; rows of several runs travel in one batch, `runs` naming each row's (or prompt's) run."""
 
-    def sft_step(self, batch: SequenceBatch) -> float:
-        """One SFT optimiser step on the demos (mean NLL of the response tokens); returns the loss."""
+    def add_run(self, run: str, reference: Path | None) -> None:
+        """Make room for `run`: pi_0 from its reference/ folder (resumed), or the model to warm-start."""
 
-    def freeze_reference(self, save_to: Path | None) -> None:
-        """Make the current policy pi_0 the frozen reference and set up the DITTO optimiser. With `save_to`,
-        also write pi_0 there as a Hugging Face folder, from which a resumed run starts."""
+    def sft_step(self, batch: SequenceBatch, runs: list[str]) -> dict[str, float]:
+        """One SFT optimiser step of each run on its rows (mean NLL of their response tokens); returns the losses."""
 
-    def generate(self, prompts: list[torch.Tensor], n: int) -> list[list[list[int]]]:
-        """n sampled responses (token ids, EOS included when reached) for each prompt, from the current policy."""
+    def freeze_reference(self, run: str, save_to: Path | None) -> None:
+        """Make the run's current policy its frozen reference pi_0 and set up its DITTO optimiser. With `save_to`,
+        also write pi_0 there, from which a resumed run starts."""
 
-    def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
-        """Per-row sums of the frozen reference's log-probs over the response tokens, for all rows of the
+    def generate(self, prompts: list[torch.Tensor], n: int, runs: list[str], seeds: list[int]) -> list:
+        """n sampled responses (token ids, EOS included when reached) per prompt from its run's current policy,
+        prompt p sampled with `seeds[p]`."""
+
+    def reference_logps(self, batches: list[SequenceBatch], runs: list[list[str]]) -> torch.Tensor:
+        """Per-row sums of each row's run's frozen reference log-probs over the response tokens, for all rows of the
         micro-batches in order (one call per scoring, so a distributed reference can run them in parallel)."""
 
-    def policy_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
-        """The same for the current policy, without gradients (the held-out signal, `validation.py`)."""
+    def policy_logps(self, batches: list[SequenceBatch], runs: list[list[str]]) -> torch.Tensor:
+        """The same for the current policies, without gradients (the held-out signal, `validation.py`)."""
 
-    def train_step(self, batch: PairBatch) -> dict[str, float]:
-        """One optimiser step of DittoActorLoss on the batch (in micro-batches, `PairBatch.split`, accumulating
-        gradients); returns the loss metrics of the whole batch, with lr and grad_norm."""
+    def train_step(self, batches: dict[str, PairBatch]) -> dict[str, dict[str, float]]:
+        """One optimiser step of DittoActorLoss for each run on its batch (in micro-batches, `PairBatch.split`,
+        accumulating gradients); returns each run's loss metrics of its whole batch, with lr and grad_norm."""
 
-    def save_checkpoint(self, folder: Path) -> None: ...
+    def save_checkpoint(self, run: str, folder: Path) -> None: ...
 
-    def load_checkpoint(self, folder: Path) -> None: ...
+    def load_checkpoint(self, run: str, folder: Path) -> None: ...
 
-    def save_model(self, folder: Path) -> None:
-        """Write the policy as a Hugging Face folder (LoRA: merged weights, plus the adapter in adapter/)."""
-
-
-class RunFolderError(RuntimeError):
-    """The run folder cannot be used as asked (it holds another run, or cannot be written)."""
+    def save_model(self, run: str, folder: Path) -> None:
+        """Write the run's policy (a single-user run: a Hugging Face folder, LoRA's adapter in adapter/)."""
 
 
-class RunStopped(RuntimeError):
-    """The run stopped before its end (interrupted, a non-finite value, a failed write); the message says where it
-    stands and how to continue. `exit_code` is the CLI's: 130 for Ctrl-C, 143 for SIGTERM, else 1."""
+@dataclass
+class Run:
+    """One run of the loop: a user's DITTO, with everything that is theirs alone."""
 
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+    id: str  # "" for a single-user run; a user's id in a many-users job (names their TensorBoard scalars)
+    folder: Path
+    store: SampleStore
+    val: list[Demo] = field(default_factory=list)  # held-out demos (validation.py)
+    resume_from: Path | None = None  # the checkpoint to continue from
+    start_from: Path | None = None  # a new round: the last round's checkpoint, whose DITTO weights it starts from
+    state: dict = field(default_factory=lambda: {"iteration": 0, "global_step": 0})
+    history: list[dict] = field(default_factory=list)  # every logged row: metrics.jsonl
+    rng: torch.Generator = field(default_factory=torch.Generator)  # the run's sampling seeds
+    maker: DittoExperienceMaker | None = None
+    stopped: str | None = None  # why the run stopped (a non-finite value), None while it runs
 
-
-@contextlib.contextmanager
-def _atomic_dir(target: Path):
-    """Yield a temporary sibling folder to fill, then rename it onto `target`: an interrupted or failed write leaves
-    no half-written folder under the real name (and no temporary one either)."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
-# The settings that define a run: --resume refuses a folder whose run had others, so samples never mix.
-RUN_IDENTITY = (
-    "actor.model_name_or_path",
-    "data.dataset",
-    "train.seed",
-    "rollout.n_samples_per_prompt",
-    "ds.lora.rank",
-    "ditto.sft_steps",
-    "ditto.extra_pairs",
-    "ditto.val_demos",
-)
-
-
-def run_config(args: SimpleNamespace) -> dict:
-    """Every flag of the run as a nested dict (`run_config.json`): resume checks it, and the tools that read a run
-    folder (eval, serve-reward, export-pairs) take the run's beta and prompt rendering from it."""
-
-    def plain(x):
-        if isinstance(x, SimpleNamespace):
-            return {k: plain(v) for k, v in vars(x).items()}
-        return list(x) if isinstance(x, tuple) else str(x) if isinstance(x, Path) else x
-
-    return plain(args)
-
-
-def read_run_config(run: Path) -> dict:
-    """The run_config.json of the run folder `run`, refused naming the file if it is broken."""
-    file = run / "run_config.json"
-    config = read_json(file)
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("actor", "data", "ditto")):
-        raise ValueError(f"{file} is not the run_config.json of a DITTO run (its flags): it was changed after the run")
-    return config
-
-
-def _identity(config: dict) -> dict:
-    def get(key):
-        node = config
-        for part in key.split("."):
-            node = node.get(part, {}) if isinstance(node, dict) else None
-        return node
-
-    return {key: get(key) for key in RUN_IDENTITY}
+    @property
+    def sampler(self) -> PairSampler:
+        return self.maker.sampler
 
 
 class Logger:
@@ -158,16 +123,18 @@ class Logger:
             self.wandb = wandb.init(
                 project=args.logger.wandb.project, name=args.logger.wandb.run_name, config=vars(args), resume="allow"
             )
-        self.history: list[dict] = []  # every logged row, for the report
 
-    def scalars(self, prefix: str, metrics: dict[str, float], step: int) -> None:
+    def scalars(self, run: "Run", prefix: str, metrics: dict[str, float], step: int) -> None:
+        """The run's scalars (a user's under `<id>/`), and a row of its history."""
+        tag = f"{run.id}/{prefix}" if run.id else prefix
         for k, v in metrics.items():
-            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            self.tb.add_scalar(f"{tag}/{k}", v, step)
         if self.wandb:
-            self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
-        self.history.append({"prefix": prefix, "step": step, **metrics})
+            self.wandb.log({f"{tag}/{k}": v for k, v in metrics.items()}, step=step)
+        run.history.append({"prefix": prefix, "step": step, **metrics})
 
-    def text(self, tag: str, text: str, step: int) -> None:
+    def text(self, run: "Run", tag: str, text: str, step: int) -> None:
+        tag = f"{run.id}/{tag}" if run.id else tag
         self.tb.add_text(tag, text, step)
         if self.wandb:
             self.wandb.log({tag: text}, step=step)
@@ -178,62 +145,27 @@ class Logger:
             self.wandb.finish()
 
 
-def check_run_folder(args: SimpleNamespace) -> Path | None:
-    """Refuse a run folder that holds another run or other files, touching nothing; returns the checkpoint to
-    resume from (or None)."""
-    out = Path(args.ckpt.output_dir)
-    config_file = out / "run_config.json"
-    for flag, folder in (("--ckpt.output_dir", out), ("--logger.tensorboard_dir", args.logger.tensorboard_dir)):
-        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-            raise RunFolderError(f"{flag} {folder} is a file; give a folder")
-    if config_file.exists():
-        if not args.resume and not args.overwrite:
-            raise RunFolderError(
-                f"{out} already holds a DITTO run; pass --resume to continue it or --overwrite to delete it and "
-                "start again (or choose another --ckpt.output_dir)"
-            )
-        if args.resume and (saved := _identity(read_run_config(out))) != _identity(run_config(args)):
-            raise RunFolderError(
-                f"{out} holds a run with other settings ({saved}); --resume needs the same "
-                f"{', '.join('--' + key for key in RUN_IDENTITY)} (or use --overwrite to start again)"
-            )
-        inputs = [
-            ("--actor.model_name_or_path", args.actor.model_name_or_path),
-            ("--data.dataset", args.data.dataset),
-            ("--ditto.extra_pairs", args.ditto.extra_pairs),
-        ]
-        for flag, path in inputs:
-            if args.overwrite and path and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
-                raise RunFolderError(
-                    f"--overwrite would delete {flag} {path}, which lies in --ckpt.output_dir {out}; copy it out "
-                    "first, or choose another --ckpt.output_dir"
-                )
-    elif out.exists() and any(out.iterdir()):  # --overwrite deletes a DITTO run, never a folder of other files
-        raise RunFolderError(f"{out} is not empty and holds no DITTO run; choose an empty --ckpt.output_dir")
-    elif args.resume:
-        print(f"{out} holds no run to resume: starting a new one")
-    latest = out / "checkpoints" / "latest"
-    return out / "checkpoints" / latest.read_text().strip() if args.resume and latest.exists() else None
+def load_tokenizer(args: SimpleNamespace):
+    """--actor.model_name_or_path's tokenizer, once the folder is known to hold a causal LM (with the LoRA target
+    modules when --ds.lora.rank > 0), or an error that says what to give."""
+    from transformers import AutoTokenizer
 
-
-def claim_run_folder(args: SimpleNamespace) -> None:
-    """Make --ckpt.output_dir this run's (--overwrite deletes what it held): only once everything checked out."""
-    out, tensorboard = Path(args.ckpt.output_dir), args.logger.tensorboard_dir
-    try:  # first: a folder it cannot write stops the start before the run folder is touched
-        if tensorboard:
-            Path(tensorboard).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunFolderError(f"cannot write --logger.tensorboard_dir {tensorboard}: {e}") from None
+    model = Path(args.actor.model_name_or_path)
     try:
-        if args.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(run_config(args), indent=1))
-    except OSError as e:
-        raise RunFolderError(f"cannot write the run folder --ckpt.output_dir {out}: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        run = f" (a DITTO run folder: its model is {model / 'final'})" if (model / "run_config.json").exists() else ""
+        raise FileNotFoundError(
+            f"cannot load a tokenizer from --actor.model_name_or_path {model}{run} ({str(e).splitlines()[0]}); "
+            "give a local Hugging Face model folder (config.json, weights, tokenizer files)"
+        ) from e
+    check_causal_lm(model, "--actor.model_name_or_path")
+    if args.ds.lora.rank > 0:
+        check_lora_targets(model, args.ds.lora.target_modules)
+    return tokenizer
 
 
-def _rendering(args: SimpleNamespace) -> dict:
+def prompt_rendering(args: SimpleNamespace) -> dict:
     return dict(
         input_template=args.data.input_template,
         apply_chat_template=args.data.apply_chat_template,
@@ -245,7 +177,7 @@ def _rendering(args: SimpleNamespace) -> dict:
 def demos_and_store(args: SimpleNamespace, tokenizer) -> SampleStore:
     """Load and check every demo and external pair; say once how many are cut to the response budget. The last
     --ditto.val_demos demos are held out: they never enter the store (`held_out_demos` reads them)."""
-    rendering = _rendering(args)
+    rendering = prompt_rendering(args)
     demos = load_demos(
         args.data.dataset, tokenizer, input_key=args.data.input_key, output_key=args.data.output_key, **rendering
     )
@@ -284,9 +216,11 @@ def held_out_demos(args: SimpleNamespace, tokenizer) -> list:
     """The demos of the held-out signal: the last --ditto.val_demos of --data.dataset, or --ditto.val_dataset's."""
     d = args.data
     if args.ditto.val_dataset:
-        return load_demos(args.ditto.val_dataset, tokenizer, d.input_key, d.output_key, **_rendering(args))
+        return load_demos(args.ditto.val_dataset, tokenizer, d.input_key, d.output_key, **prompt_rendering(args))
     if args.ditto.val_demos:
-        return load_demos(d.dataset, tokenizer, d.input_key, d.output_key, **_rendering(args))[-args.ditto.val_demos :]
+        return load_demos(d.dataset, tokenizer, d.input_key, d.output_key, **prompt_rendering(args))[
+            -args.ditto.val_demos :
+        ]
     return []
 
 
@@ -297,32 +231,16 @@ def stop_if_not_finite(values: dict[str, float], where: str, causes: str) -> Non
             raise RunStopped(f"{where}: {name} is {value}. Likely causes: {causes}")
 
 
-def sft_warm_start(backend: Backend, store: SampleStore, args: SimpleNamespace, logger: Logger, pad: int) -> None:
-    """Supervised steps on all demos at once, stopping early once the loss is below --ditto.sft_stop_loss."""
-    batch = collate([store.prompts[d.prompt] for d in store.demos], [d.ids for d in store.demos], pad)
-    bar = tqdm(range(args.ditto.sft_steps), desc="SFT warm start")
-    for step in bar:
-        loss = backend.sft_step(batch)
-        logger.scalars("sft", {"loss": loss}, step)
-        stop_if_not_finite(
-            {"the SFT loss": loss},
-            f"SFT step {step + 1}",
-            f"a learning rate too high (--ditto.sft_lr {args.ditto.sft_lr}) or an overflow in half precision",
-        )
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if loss < args.ditto.sft_stop_loss:
-            break
-    bar.close()
-
-
-def say_how_final_compares(history: list[dict], args: SimpleNamespace) -> None:
-    """The end of a run says what the held-out signal says of final/ against pi_0, or that nothing checked it."""
-    rows = {int(row["iteration"]): row for row in history if row["prefix"] == "val"}
+def say_how_final_compares(run: Run, args: SimpleNamespace, first: bool = True) -> None:
+    """The end of a run says what the held-out signal says of final/ against pi_0, or (once) that nothing checked
+    it."""
+    rows = {int(row["iteration"]): row for row in run.history if row["prefix"] == "val"}
     if not rows:
-        print(
-            "note: no demo was held out, so nothing checked that DITTO beat its SFT warm start (reference/); "
-            "--ditto.val_demos 1 measures it during the run, `openrlhf-ditto eval` after it"
-        )
+        if first:
+            print(
+                "note: no demo was held out, so nothing checked that DITTO beat its SFT warm start (reference/); "
+                "--ditto.val_demos 1 measures it during the run, `openrlhf-ditto eval` after it"
+            )
         return
     final, pi_0 = rows[args.ditto.iterations][SELECT], rows.get(0, {}).get(SELECT, 0.0)
     k = args.ditto.val_demos
@@ -330,66 +248,247 @@ def say_how_final_compares(history: list[dict], args: SimpleNamespace) -> None:
     if final < pi_0:
         # measured on real authors (README, "Does DITTO beat SFT?"): a warning to check, not a verdict
         print(
-            f"warning: on {val}, DITTO's own reward ranks final/ below its SFT warm start: held-out {SELECT} "
-            f"{final:+.3f} < pi_0's {pi_0:+.3f}. On our real-author benchmark it fell like this at every iteration, "
-            "also where the style judge preferred DITTO: compare final/ with reference/ (pi_0) using "
+            f"warning: {_who(run)}on {val}, DITTO's own reward ranks final/ below its SFT warm start: held-out "
+            f"{SELECT} {final:+.3f} < pi_0's {pi_0:+.3f}. On our real-author benchmark it fell like this at every "
+            "iteration, also where the style judge preferred DITTO: compare final/ with reference/ (pi_0) using "
             "`openrlhf-ditto eval` before you use it",
             file=sys.stderr,
         )
     else:
-        print(f"held-out check: final/ {SELECT} {final:+.3f}, pi_0's {pi_0:+.3f}, on {val}")
+        print(f"{_who(run)}held-out check: final/ {SELECT} {final:+.3f}, pi_0's {pi_0:+.3f}, on {val}")
 
 
-def resume_hint(out: Path) -> str:
-    """Where a stopped run stands and how to continue it."""
-    latest = out / "checkpoints" / "latest"
-    if latest.exists():
-        name = latest.read_text().strip()
-        return (
-            f"the last complete checkpoint is {out / 'checkpoints' / name}; continue from it with the same command "
-            "plus --resume"
-        )
-    if (out / "reference").exists():
-        return f"no DITTO checkpoint yet; --resume starts DITTO again from pi_0 ({out / 'reference'}), SFT kept"
-    return "nothing was trained yet; --resume (or --overwrite) starts again from the SFT warm start"
+def sft_warm_start(backend: Backend, runs: list[Run], args: SimpleNamespace, logger: Logger, pad: int) -> None:
+    """Supervised steps on each run's demos, every run's in one batch; a run stops once its loss is below
+    --ditto.sft_stop_loss (or at a non-finite loss: that run only)."""
+    training = list(runs)
+    if not training:
+        return
+    bar = tqdm(range(args.ditto.sft_steps), desc="SFT warm start")
+    for step in bar:
+        rows = [(run.id, run.store.prompts[d.prompt], d.ids) for run in training for d in run.store.demos]
+        batch = collate([p for _, p, _ in rows], [ids for _, _, ids in rows], pad)
+        losses = backend.sft_step(batch, [run for run, _, _ in rows])
+        for run in training:
+            loss = losses[run.id]
+            logger.scalars(run, "sft", {"loss": loss}, step)
+            with alone(run):
+                stop_if_not_finite(
+                    {"the SFT loss": loss},
+                    f"{_who(run)}SFT step {step + 1}",
+                    f"a learning rate too high (--ditto.sft_lr {args.ditto.sft_lr}) or an overflow in half precision",
+                )
+        bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+        training = [run for run in training if not run.stopped and losses[run.id] >= args.ditto.sft_stop_loss]
+        if not training:
+            break
+    bar.close()
+
+
+def _who(run: Run) -> str:
+    return f"user {run.id}, " if run.id else ""
 
 
 @contextlib.contextmanager
-def writing(what: str, out: Path):
-    """A failed write (disk full, read-only folder) stops the run; the files written before it stay intact.
-    torch.save reports a full disk as a RuntimeError of its zip writer, not an OSError."""
+def alone(run: Run):
+    """A RunStopped inside stops this run only: its metrics say why, its last checkpoint stays, the others go on."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
-        raise RunStopped(f"could not write {what} ({e}); free some space or make {out} writable") from None
+    except RunStopped as e:
+        run.stopped = str(e)
+        run.history.append({"prefix": "stopped", "step": run.state["global_step"], "reason": str(e)})
+        with contextlib.suppress(OSError):  # a full disk may refuse this too; the message still tells
+            (run.folder / "metrics.jsonl").write_text(jsonl(run.history))
 
 
-def load_tokenizer(args: SimpleNamespace):
-    """--actor.model_name_or_path's tokenizer, once the folder is known to hold a causal LM (with the LoRA target
-    modules when --ds.lora.rank > 0), or an error that says what to give."""
-    from transformers import AutoTokenizer
+def _rng_state(run: Run) -> dict:
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return {
+        "sampler": run.sampler.state_dict(),
+        "generator": run.rng.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
 
-    model = Path(args.actor.model_name_or_path)
+
+def run_ditto(args: SimpleNamespace, backend: Backend, runs: list[Run], tokenizer) -> None:
+    """Algorithm 1 for every run of `runs` at once (each run's folder claimed and checked by the caller), on one
+    backend. A non-finite value stops its run only (`Run.stopped`; the caller reports it); Ctrl-C, SIGTERM or a
+    failed write stop the job with RunStopped, every run keeping its last checkpoint, from which --resume continues.
+    """
+    d, r = args.ditto, args.rollout
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = eos_token_ids(args.actor.model_name_or_path, tokenizer)
+    logger = Logger(args, Path(args.ckpt.output_dir) / "logs")
+    reference_causes = "broken reference weights, or an overflow in half precision (bf16/fp16)"
+    train_causes = (
+        f"a learning rate too high (--actor.adam.lr {args.actor.adam.lr}), an overflow in half precision "
+        "(bf16/fp16), or a --ditto.beta far from the paper's 0.05"
+    )
+
+    def validate(run: Run, t: int, n: int) -> None:
+        """Log the held-out signal of the run's pi_t (`validation.py`); n samples per prompt, 0 for pi_0."""
+        prompts = [torch.tensor(v.prompt_ids) for v in run.val]
+        ids = [torch.tensor(v.response_ids) for v in run.val]
+        signal = held_out_signal(
+            backend, prompts, ids, n, d.beta, pad, r.micro_batch_size, args.train.seed + t, run.id
+        )
+        logger.scalars(run, "val", {"iteration": t, **signal}, run.state["global_step"])
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        run = f" (a DITTO run folder: its model is {model / 'final'})" if (model / "run_config.json").exists() else ""
-        raise FileNotFoundError(
-            f"cannot load a tokenizer from --actor.model_name_or_path {model}{run} ({str(e).splitlines()[0]}); "
-            "give a local Hugging Face model folder (config.json, weights, tokenizer files)"
-        ) from e
-    check_causal_lm(model, "--actor.model_name_or_path")
-    if args.ds.lora.rank > 0:
-        check_lora_targets(model, args.ds.lora.target_modules)
-    return tokenizer
+        with sigterm_stops():
+            # SFT warm start -> pi_0, frozen as each run's reference
+            for run in runs:
+                torch.manual_seed(args.train.seed)  # the SFT adapter's initialisation
+                reference = run.folder / "reference"
+                backend.add_run(run.id, reference if reference.is_dir() else None)
+            sft_warm_start(
+                backend, [run for run in runs if not (run.folder / "reference").is_dir()], args, logger, pad
+            )
+            runs = [run for run in runs if not run.stopped]
+            for run in runs:
+                torch.manual_seed(args.train.seed)  # the fresh adapter is the same whether or not SFT ran now
+                reference = run.folder / "reference"
+                if reference.is_dir():
+                    backend.freeze_reference(run.id, None)
+                else:
+                    with writing(f"pi_0 to {reference}", run.folder), atomic_dir(reference) as tmp:
+                        backend.freeze_reference(run.id, tmp)
+                if run.start_from is not None and run.resume_from is None:
+                    backend.start_from(run.id, run.start_from / "backend")
+                sampler = PairSampler(run.store, tuple(d.pair_fractions), seed=args.train.seed)
+                run.maker = DittoExperienceMaker(
+                    run.store, sampler, backend.reference_logps, pad, eos, r.micro_batch_size, run.id
+                )
+            score([(run.maker, run.maker.unscored_inputs()) for run in runs])
+            for run in runs:
+                with alone(run):
+                    for i, demo in enumerate(run.store.demos):
+                        stop_if_not_finite(
+                            {"its reference log-prob": demo.ref_logp}, f"{_who(run)}demo {i}", reference_causes
+                        )
+                with writing(f"the demos to {run.folder / 'store'}", run.folder):
+                    run.store.save(run.folder / "store")
+                if run.val and run.resume_from is None:
+                    validate(run, 0, 0)
+                if run.resume_from is not None:
+                    backend.load_checkpoint(run.id, run.resume_from / "backend")
+                    run.state, rng, run.history = read_checkpoint(run.resume_from)
+                    run.sampler.load_state_dict(rng["sampler"])
+                    run.rng.set_state(rng["generator"])
+                    torch.set_rng_state(rng["torch"])
+                    if rng.get("cuda") is not None and torch.cuda.is_available():
+                        torch.cuda.set_rng_state(rng["cuda"])
+                    at = f"iteration {run.state['iteration']}, step {run.state['global_step']}"
+                    print(f"{_who(run)}resumed from {run.resume_from} ({at})")
+                else:
+                    run.rng.manual_seed(args.train.seed)
+                    torch.manual_seed(args.train.seed)
+
+            while active := [run for run in runs if not run.stopped and run.state["iteration"] < d.iterations]:
+                t = min(run.state["iteration"] for run in active)
+                active = [run for run in active if run.state["iteration"] == t]
+                # sample M responses per prompt from each run's pi_t, every run's prompts in one call
+                prompts = [p for run in active for p in run.store.prompts]
+                owners = [run.id for run in active for _ in run.store.prompts]
+                seeds = [
+                    s
+                    for run in active
+                    for s in torch.randint(2**31, (len(run.store.prompts),), generator=run.rng).tolist()
+                ]
+                rollouts, start = backend.generate(prompts, r.n_samples_per_prompt, owners, seeds), 0
+                samples = {}
+                for run in active:
+                    samples[run.id] = run.maker.samples(rollouts[start : start + len(run.store.prompts)])
+                    start += len(run.store.prompts)
+                # score them once with their run's reference, and store them as D_t
+                score([(run.maker, samples[run.id]) for run in active])
+                for run in active:
+                    stats = run.maker.add_samples(samples[run.id])
+                    logger.scalars(run, "samples", stats, run.state["global_step"])
+                    first = run.store.iterations[t][0][0]
+                    logger.text(run, "samples/example", tokenizer.decode(first.ids, skip_special_tokens=True), t)
+                    with alone(run):
+                        stop_if_not_finite(stats, f"{_who(run)}iteration {t + 1}, sampling", reference_causes)
+
+                # resample_every optimiser steps on ranked pair batches, every run's in one step
+                bar = tqdm(range(d.resample_every), desc=f"DITTO iteration {t + 1}/{d.iterations}")
+                for _ in bar:
+                    live = [run for run in active if not run.stopped]
+                    if not live:
+                        break
+                    batches = {run.id: run.maker.pair_batch(args.train.batch_size) for run in live}
+                    metrics = backend.train_step(batches)
+                    for run in live:
+                        m = metrics[run.id]
+                        m["truncated_rate"] = batches[run.id].truncated.float().mean().item()
+                        run.state["global_step"] += 1
+                        logger.scalars(run, "train", m, run.state["global_step"])
+                        with alone(run):
+                            where = f"{_who(run)}step {run.state['global_step']} (iteration {t + 1})"
+                            stop_if_not_finite(m, where, train_causes)
+                    bar.set_postfix(loss=f"{metrics[live[0].id]['loss']:.4f}", acc=f"{metrics[live[0].id]['acc']:.2f}")
+                bar.close()
+
+                for run in active:
+                    if run.stopped:
+                        continue
+                    if run.val:
+                        validate(run, t + 1, r.n_samples_per_prompt)
+                    run.state["iteration"] = t + 1
+                    write_checkpoint(
+                        run.folder,
+                        run.store,
+                        run.state,
+                        lambda path, run=run: backend.save_checkpoint(run.id, path),
+                        _rng_state(run),
+                        run.history,
+                        args.ckpt.max_num,
+                    )
+            for run in runs:
+                if not run.stopped:
+                    save_final(backend, run, tokenizer)
+                    say_how_final_compares(run, args, first=run is runs[0])
+    except (KeyboardInterrupt, RunStopped) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        steps = d.iterations * d.resample_every
+        where = f" after DITTO step {runs[0].state['global_step']} of {steps}" if len(runs) == 1 else ""
+        reason = f"stopped by {e.args[0] if e.args else 'Ctrl-C'}{where}" if interrupted else str(e)
+        for run in runs:
+            if not run.stopped and not (run.folder / "final").is_dir():
+                run.history.append({"prefix": "stopped", "step": run.state["global_step"], "reason": reason})
+                try:
+                    (run.folder / "metrics.jsonl").write_text(jsonl(run.history))
+                except OSError:  # a full disk may refuse this too; the message below still tells
+                    continue
+        code = (143 if e.args == ("SIGTERM",) else 130) if interrupted else 1
+        if len(runs) == 1:
+            hint = f"Nothing after the last checkpoint was kept: {resume_hint(runs[0].folder)}"
+        else:
+            hint = (
+                "Nothing after each user's last checkpoint was kept (users/<id>/checkpoints/latest; finished users "
+                "are complete); continue with the same command plus --resume"
+            )
+        raise RunStopped(f"{reason}. {hint}", code) from None
+    finally:
+        logger.close()
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
+def save_final(backend: Backend, run: Run, tokenizer) -> None:
+    """The run's DITTO policy to final/, its metrics to metrics.jsonl; then its adapters leave the backend."""
+    final = run.folder / "final"
+    with writing(f"the final model to {final}", run.folder):
+        with atomic_dir(final) as tmp:
+            backend.save_model(run.id, tmp)
+            tokenizer.save_pretrained(tmp)
+        (run.folder / "metrics.jsonl").write_text(jsonl(run.history))
+    if hasattr(backend, "drop_run"):
+        backend.drop_run(run.id)
 
 
 def train(args: SimpleNamespace, make_backend) -> Path:
-    """Run DITTO end to end; `make_backend(model_path)` builds the backend. Returns the final model folder.
+    """Run DITTO end to end for one user (a list of one run whose folder is --ckpt.output_dir); `make_backend(
+    model_path)` builds the backend. Returns the final model folder.
 
     The tokenizer, every demo and the model are checked before the run folder is claimed. Ctrl-C or SIGTERM, a
     NaN or inf loss, log-prob or gradient norm, and a failed write each stop the run with RunStopped, whose message
@@ -398,122 +497,17 @@ def train(args: SimpleNamespace, make_backend) -> Path:
     resume_from = check_run_folder(args)
     out = Path(args.ckpt.output_dir)
     tokenizer = load_tokenizer(args)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     store = demos_and_store(args, tokenizer)
+    val = held_out_demos(args, tokenizer)
     reference = out / "reference"
     from_reference = args.resume and reference.exists()  # pi_0 of the run being continued: no SFT again
-    torch.manual_seed(args.train.seed)  # the SFT adapter's initialisation
+    torch.manual_seed(args.train.seed)
     backend = make_backend(reference if from_reference else args.actor.model_name_or_path)
     claim_run_folder(args)
-
-    logger = Logger(args, out / "logs")
-    state = {"iteration": 0, "global_step": 0}
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
-    try:
-        if resume_from is not None:
-            state = read_json(resume_from / "trainer_state.json")
-            store = SampleStore.load(out / "store", num_iterations=state["iteration"])
-        if not from_reference:
-            sft_warm_start(backend, store, args, logger, pad)
-        torch.manual_seed(args.train.seed)  # the fresh adapter is the same whether or not SFT ran in this process
-        if from_reference:
-            backend.freeze_reference(None)
-        else:
-            with writing(f"pi_0 to {reference}", out), _atomic_dir(reference) as tmp:
-                backend.freeze_reference(tmp)
-
-        sampler = PairSampler(store, tuple(args.ditto.pair_fractions), seed=args.train.seed)
-        eos = eos_token_ids(args.actor.model_name_or_path, tokenizer)
-        maker = DittoExperienceMaker(store, sampler, backend.reference_logps, pad, eos, args.rollout.micro_batch_size)
-        maker.score_inputs()
-        reference_causes = "broken reference weights, or an overflow in half precision (bf16/fp16)"
-        for i, demo in enumerate(store.demos):
-            stop_if_not_finite({"its reference log-prob": demo.ref_logp}, f"demo {i}", reference_causes)
-        with writing(f"the demos to {out / 'store'}", out):
-            store.save(out / "store")
-        val = held_out_demos(args, tokenizer)
-        val_prompts = [torch.tensor(v.prompt_ids) for v in val]
-        val_ids = [torch.tensor(v.response_ids) for v in val]
-
-        def validate(t: int, n: int) -> None:
-            """Log the held-out signal of pi_t (`validation.py`); n samples per prompt, 0 for pi_0."""
-            d = args.ditto
-            mb = args.rollout.micro_batch_size
-            signal = held_out_signal(backend, val_prompts, val_ids, n, d.beta, pad, mb, args.train.seed + t)
-            logger.scalars("val", {"iteration": t, **signal}, state["global_step"])
-
-        if val and resume_from is None:
-            validate(0, 0)
-        if resume_from is not None:
-            backend.load_checkpoint(resume_from / "backend")
-            rng = torch.load(resume_from / "rng.pt", weights_only=False)
-            sampler.load_state_dict(rng["sampler"])
-            torch.set_rng_state(rng["torch"])
-            logger.history = read_json(resume_from / "metrics.jsonl", lines=True)
-            print(f"resumed from {resume_from} (iteration {state['iteration']}, step {state['global_step']})")
-        else:
-            torch.manual_seed(args.train.seed)
-
-        train_causes = (
-            f"a learning rate too high (--actor.adam.lr {args.actor.adam.lr}), an overflow in half precision "
-            "(bf16/fp16), or a --ditto.beta far from the paper's 0.05"
-        )
-        for t in range(state["iteration"], args.ditto.iterations):
-            rollouts = backend.generate(store.prompts, args.rollout.n_samples_per_prompt)
-            stats = maker.make_experience(rollouts)
-            stop_if_not_finite(stats, f"iteration {t + 1}, sampling", reference_causes)
-            logger.scalars("samples", stats, state["global_step"])
-            first = store.iterations[t][0][0]
-            logger.text("samples/example", tokenizer.decode(first.ids, skip_special_tokens=True), t)
-
-            bar = tqdm(range(args.ditto.resample_every), desc=f"DITTO iteration {t + 1}/{args.ditto.iterations}")
-            for _ in bar:
-                batch = maker.pair_batch(args.train.batch_size)
-                metrics = backend.train_step(batch)
-                metrics["truncated_rate"] = batch.truncated.float().mean().item()
-                state["global_step"] += 1
-                logger.scalars("train", metrics, state["global_step"])
-                stop_if_not_finite(metrics, f"step {state['global_step']} (iteration {t + 1})", train_causes)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.2f}")
-            bar.close()
-            if val:
-                validate(t + 1, args.rollout.n_samples_per_prompt)
-
-            state["iteration"] = t + 1
-            name = f"iter_{t + 1:05d}"
-            with writing(f"checkpoint {out / 'checkpoints' / name}", out):
-                store.save(out / "store")
-                with _atomic_dir(out / "checkpoints" / name) as tmp:
-                    backend.save_checkpoint(tmp / "backend")
-                    torch.save({"sampler": sampler.state_dict(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
-                    (tmp / "trainer_state.json").write_text(json.dumps(state))
-                    (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
-                latest_tmp = out / "checkpoints" / "latest.tmp"
-                latest_tmp.write_text(name)
-                os.replace(latest_tmp, out / "checkpoints" / "latest")
-            for old in sorted((out / "checkpoints").glob("iter_?????"))[: -args.ckpt.max_num]:
-                shutil.rmtree(old)
-
-        final = out / "final"
-        with writing(f"the final model to {final}", out):
-            with _atomic_dir(final) as tmp:
-                backend.save_model(tmp)
-                tokenizer.save_pretrained(tmp)
-            (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
-        say_how_final_compares(logger.history, args)
-        return final
-    except (KeyboardInterrupt, RunStopped) as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        steps = args.ditto.iterations * args.ditto.resample_every
-        where = f"after DITTO step {state['global_step']} of {steps}"
-        reason = f"stopped by {e.args[0] if e.args else 'Ctrl-C'} {where}" if interrupted else str(e)
-        logger.history.append({"prefix": "stopped", "step": state["global_step"], "reason": reason})
-        with contextlib.suppress(OSError):  # a full disk may refuse this too; the message below still tells
-            (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logger.history))
-        code = (143 if e.args == ("SIGTERM",) else 130) if interrupted else 1
-        raise RunStopped(f"{reason}. Nothing after the last checkpoint was kept: {resume_hint(out)}", code) from None
-    finally:
-        logger.close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+    if resume_from is not None:
+        store = SampleStore.load(out / "store", num_iterations=read_checkpoint(resume_from)[0]["iteration"])
+    run = Run("", out, store, val, resume_from)
+    run_ditto(args, backend, [run], tokenizer)
+    if run.stopped:
+        raise RunStopped(f"{run.stopped}. Nothing after the last checkpoint was kept: {resume_hint(out)}")
+    return out / "final"

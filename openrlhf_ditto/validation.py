@@ -29,14 +29,17 @@ def held_out_signal(
     pad: int,
     micro_batch_size: int,
     seed: int,
+    run: str = "",
 ) -> dict[str, float]:
     """The signal of the backend's current policy on held-out (prompt, demo) pairs; `n` samples per prompt (0: the
-    log-likelihood only, for pi_0). Sampling is seeded with `seed` and leaves the run's random state as it was, so
-    a run samples and trains the same with or without validation."""
+    log-likelihood only, for pi_0); `run`: whose policy, of the backend's runs. Sampling is seeded with `seed` and
+    leaves the run's random state as it was, so a run samples and trains the same with or without validation."""
 
     def logps(score, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         chunks = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-        return score([collate([p for p, _ in c], [r for _, r in c], pad) for c in chunks])
+        return score(
+            [collate([p for p, _ in c], [r for _, r in c], pad) for c in chunks], [[run] * len(c) for c in chunks]
+        )
 
     demo_rows = list(zip(prompts, demos))
     policy_demo = logps(backend.policy_logps, demo_rows)
@@ -44,9 +47,8 @@ def held_out_signal(
     signal = {"demo_logp_per_token": (policy_demo / lengths).mean().item()}
     if n == 0:
         return {**signal, "margin": 0.0}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        samples = backend.generate(prompts, n)
+    seeds = torch.randint(2**31, (len(prompts),), generator=torch.Generator().manual_seed(seed)).tolist()
+    samples = backend.generate(prompts, n, [run] * len(prompts), seeds)
     sample_rows = [(p, torch.tensor(s, dtype=torch.long)) for p, group in zip(prompts, samples) for s in group]
     sample_reward = beta * (logps(backend.policy_logps, sample_rows) - logps(backend.reference_logps, sample_rows))
     sample_reward = sample_reward.view(len(prompts), n)

@@ -266,13 +266,17 @@ class OpenRLHFBackend:
             ray.get(self.policy.async_run_method("reload_states" if on_gpu else "offload_states"))
             self.policy_states_on_gpu = on_gpu
 
-    def sft_step(self, batch: SequenceBatch) -> float:
+    # One run only (the trainer's single-user run ""): the roles hold one policy. `runs` arguments name it.
+    def add_run(self, run: str, reference: Path | None) -> None:
+        """The roles were loaded with the run's model (pi_0 when resuming: `build_openrlhf_backend`)."""
+
+    def sft_step(self, batch: SequenceBatch, runs: list[str]) -> dict[str, float]:
         raise NotImplementedError(
             "the OpenRLHF backend starts from an SFT checkpoint: run openrlhf.cli.train_sft on the demos first "
             "(recipes/ditto_mistral7b.sh) and pass --ditto.sft_steps 0"
         )
 
-    def freeze_reference(self, save_to: Path | None) -> None:
+    def freeze_reference(self, run: str, save_to: Path | None) -> None:
         """pi_0 is the model the roles were loaded from: the reference group holds it, the policy trains a fresh
         adapter on it (LoRA) or a copy of it. The run folder gets pi_0's files (hard links where possible)."""
         if save_to is not None:
@@ -281,7 +285,7 @@ class OpenRLHFBackend:
             except OSError:  # another filesystem
                 shutil.copytree(self.model_path, save_to, dirs_exist_ok=True)
 
-    def generate(self, prompts: list[torch.Tensor], n: int) -> list[list[list[int]]]:
+    def generate(self, prompts: list[torch.Tensor], n: int, runs: list[str], seeds: list[int]) -> list:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -293,9 +297,8 @@ class OpenRLHFBackend:
         if sleep:
             batch_vllm_engine_call(self.engines, "wake_up", tags=["kv_cache"])
         r = self.args.rollout
-        # a seed per prompt from the driver's torch RNG, which the trainer checkpoints: a resumed run samples what the
+        # a seed per prompt from the run's RNG, which the trainer checkpoints: a resumed run samples what the
         # uninterrupted one did, whichever engine gets the prompt
-        seeds = torch.randint(2**31, (len(prompts),)).tolist()
         params = [
             SamplingParams(
                 n=n,
@@ -317,14 +320,15 @@ class OpenRLHFBackend:
             batch_vllm_engine_call(self.engines, "sleep")
         return [[list(o.token_ids) for o in out.outputs] for out in outputs]
 
-    def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
+    def reference_logps(self, batches: list[SequenceBatch], runs: list[list[str]]) -> torch.Tensor:
         return _group_logps(self.reference, self.ref_ranks, batches)
 
-    def policy_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
+    def policy_logps(self, batches: list[SequenceBatch], runs: list[list[str]]) -> torch.Tensor:
         self._policy_states(on_gpu=True)
         return _group_logps(self.policy, self.dp, batches)
 
-    def train_step(self, batch: PairBatch) -> dict[str, float]:
+    def train_step(self, batches: dict[str, PairBatch]) -> dict[str, dict[str, float]]:
+        ((run, batch),) = batches.items()
         start = time.perf_counter()
         self._policy_states(on_gpu=True)
         B, total = len(batch.kinds), self.args.train.batch_size
@@ -356,18 +360,18 @@ class OpenRLHFBackend:
             tokens_per_s=batch.attention_mask.sum().item() / seconds,
             pairs_per_s=B / seconds,
         )
-        return metrics
+        return {run: metrics}
 
-    def save_checkpoint(self, folder: Path) -> None:
+    def save_checkpoint(self, run: str, folder: Path) -> None:
         self._policy_states(on_gpu=True)
         folder.mkdir(parents=True, exist_ok=True)
         ray.get(self.policy.async_run_method("save_ditto_checkpoint", str(folder)))
 
-    def load_checkpoint(self, folder: Path) -> None:
+    def load_checkpoint(self, run: str, folder: Path) -> None:
         self._policy_states(on_gpu=True)
         ray.get(self.policy.async_run_method("load_ditto_checkpoint", str(folder)))
 
-    def save_model(self, folder: Path) -> None:
+    def save_model(self, run: str, folder: Path) -> None:
         """LoRA: the adapter in adapter/ (from the policy), merged into pi_0 here on the CPU, as the local backend
         saves it; full-parameter training: the weights as OpenRLHF saves them."""
         lora = self.args.ds.lora.rank > 0

@@ -12,6 +12,7 @@ A hand-written decode loop rather than `model.generate(num_return_sequences=n)`,
   - rows that emitted EOS leave the batch once they are an eighth of it (dropping them copies the cache).
 """
 
+import contextlib
 from collections.abc import Collection
 
 import torch
@@ -84,10 +85,10 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys, self.values = keys[:, :, : self.length], values[:, :, : self.length]
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def _draw(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
     """One token per row from softmax(logits / temperature), restricted to the top_p nucleus as in HF's
     `TopPLogitsWarper`: a token is kept when the probability of the tokens more likely than it is < top_p.
-    Overwrites `logits`."""
+    `u`: a uniform draw in [0, 1) per row. Overwrites `logits`."""
     weights = logits.float().sub_(logits.amax(-1, keepdim=True)).div_(temperature).exp_()  # softmax, unnormalised
     ids = None
     if top_p < 1:
@@ -97,7 +98,7 @@ def _draw(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tenso
             top, ids = weights.sort(-1, descending=True)
         weights = top.masked_fill_(top.cumsum(-1) - top >= mass, 0)
     cdf = weights.cumsum_(-1)
-    u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]
+    u = u.to(cdf.device)[:, None] * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
     return (picked if ids is None else ids.gather(-1, picked)).squeeze(-1)
 
@@ -112,11 +113,19 @@ def sample_responses(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    seeds: list[int] | None = None,
+    route=None,
 ) -> list[list[list[int]]]:
     """n sampled responses per prompt, as token ids that end with one of `eos_token_ids` (`models.eos_token_ids`),
-    or without one when the sample reached max_new_tokens (then it is truncated). Uses torch's global RNG, so a
-    seeded run samples the same."""
+    or without one when the sample reached max_new_tokens (then it is truncated). Each prompt draws from a generator
+    of its own, seeded with its seed in `seeds` (default: drawn from torch's RNG): its samples do not depend on the
+    other prompts of the batch. `route(prompts)`, given the prompt of each row of the batch, is a context manager
+    for the forwards (the local backend's per-row adapters)."""
     device = next(model.parameters()).device
+    if seeds is None:
+        seeds = torch.randint(2**31, (len(prompts),)).tolist()
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    route = route or (lambda rows: contextlib.nullcontext())
     eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device)
     batch = collate(prompts, [p[:0] for p in prompts], pad_token_id).to(device)
     was_training = model.training
@@ -129,14 +138,15 @@ def sample_responses(
         mask = batch.attention_mask
         capacity = mask.shape[1] + max_new_tokens
         cache = Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(capacity))
-        logits = model(
-            batch.sequences,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        with route(torch.arange(len(prompts))):
+            logits = model(
+                batch.sequences,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, 0)
         mask = mask.repeat_interleave(n, 0)
@@ -144,7 +154,8 @@ def sample_responses(
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         responses: list[list[int]] = [[] for _ in range(len(rows))]
         for step in tqdm(range(max_new_tokens), desc=f"sampling {len(prompts)} prompts x {n}", leave=False):
-            tokens = _draw(logits, temperature, top_p)
+            u = torch.cat([torch.rand(n, generator=g) for g in generators])  # every prompt's n, while any runs
+            tokens = _draw(logits, temperature, top_p, u[rows.cpu()])
             for r, t, d in zip(rows.tolist(), tokens.tolist(), done.tolist()):
                 if not d:
                     responses[r].append(t)
@@ -156,13 +167,14 @@ def sample_responses(
                 cache.batch_select_indices(keep)
                 rows, tokens, mask, done = rows[keep], tokens[keep], mask[keep], done[keep]
             mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1)
-            logits = model(
-                tokens.unsqueeze(-1),
-                attention_mask=mask,
-                position_ids=mask.sum(-1, keepdim=True) - 1,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1]
+            with route(rows // n):
+                logits = model(
+                    tokens.unsqueeze(-1),
+                    attention_mask=mask,
+                    position_ids=mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits[:, -1]
     finally:
         model.train(was_training)
         base.set_attn_implementation(attention)

@@ -94,7 +94,7 @@ class VLLMEngine:
         if (Path(model_path) / "adapter_config.json").exists():
             from vllm.lora.request import LoRARequest
 
-            from openrlhf_ditto.backends.multi_lora import vllm_max_lora_rank
+            from openrlhf_ditto.backends.lora import vllm_max_lora_rank
 
             config = json.loads((Path(model_path) / "adapter_config.json").read_text())
             self.adapter = LoRARequest("adapter", 1, str(model_path))

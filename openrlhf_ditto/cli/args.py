@@ -21,7 +21,7 @@ from openrlhf_ditto.schedules import lr_scheduler
 def exit_codes():
     """The exit codes of both CLIs (README, "When things go wrong"): bad input of any kind (flags, paths, data,
     model folders) 2, with one line; a run that stopped 1, Ctrl-C 130, SIGTERM 143, with where it stands."""
-    from openrlhf_ditto.trainer import RunFolderError, RunStopped
+    from openrlhf_ditto.runfolder import RunFolderError, RunStopped
 
     try:
         yield

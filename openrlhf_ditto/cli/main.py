@@ -315,9 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             u = args.vllm.gpu_memory_utilization
             check_ranges([("--vllm.gpu_memory_utilization", u, "(0, 1]", "default: 0.3, 0.1 on CPU")])
             if is_multi_user(args):
-                from openrlhf_ditto.backends.multi_lora import MultiLoraBackend
-
-                train_users(args, lambda path: MultiLoraBackend(path, args))
+                train_users(args, lambda path: LocalBackend(path, args))
             else:
                 final = train(args, lambda path: LocalBackend(path, args))
                 print(f"DITTO model saved to {final}")
@@ -328,8 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             validate(args)
             quickstart(args)
         elif ns.command == "eval":
-            from openrlhf_ditto.evaluate import evaluate
-            from openrlhf_ditto.users import evaluate_users
+            from openrlhf_ditto.evaluate import evaluate, evaluate_users
 
             args = hierarchize(ns)
             validate_eval(args)

@@ -279,7 +279,8 @@ def dry_run(args) -> None:
 
     from transformers import AutoTokenizer
 
-    from openrlhf_ditto.trainer import check_run_folder, demos_and_store
+    from openrlhf_ditto.runfolder import check_run_folder
+    from openrlhf_ditto.trainer import demos_and_store
 
     model = Path(args.actor.model_name_or_path)
     check_run_folder(args)
