@@ -475,15 +475,13 @@ def run_ditto(args: SimpleNamespace, backend: Backend, runs: list[Run], tokenize
 
 
 def save_final(backend: Backend, run: Run, tokenizer) -> None:
-    """The run's DITTO policy to final/, its metrics to metrics.jsonl; then its adapters leave the backend."""
+    """The run's DITTO policy to final/, its metrics to metrics.jsonl."""
     final = run.folder / "final"
     with writing(f"the final model to {final}", run.folder):
         with atomic_dir(final) as tmp:
             backend.save_model(run.id, tmp)
             tokenizer.save_pretrained(tmp)
         (run.folder / "metrics.jsonl").write_text(jsonl(run.history))
-    if hasattr(backend, "drop_run"):
-        backend.drop_run(run.id)
 
 
 def train(args: SimpleNamespace, make_backend) -> Path:

@@ -24,7 +24,7 @@ class CountingReference:
         self.rows = 0
         self.batches: list[SequenceBatch] = []
 
-    def __call__(self, batches: list[SequenceBatch]) -> torch.Tensor:
+    def __call__(self, batches: list[SequenceBatch], runs: list[list[str]]) -> torch.Tensor:
         self.calls += 1
         self.rows += sum(b.sequences.shape[0] for b in batches)
         self.batches += batches

@@ -149,11 +149,11 @@ def test_ditto_with_external_pairs_end_to_end_and_resumed(tiny_model_path, tmp_p
     scored = Counter()
     real = LocalBackend.reference_logps
 
-    def counting(self, batches):
+    def counting(self, batches, runs):
         for batch in batches:
             for row, mask in zip(batch.sequences, batch.attention_mask):
                 scored[tuple(row[mask.bool()].tolist())] += 1
-        return real(self, batches)
+        return real(self, batches, runs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(LocalBackend, "reference_logps", counting)

@@ -211,11 +211,11 @@ def test_nan_loss_stops_keeps_the_last_checkpoint_and_resume_continues(tiny_mode
     real_step = LocalBackend.train_step
     steps = []
 
-    def poisoned_step(self, batch):
+    def poisoned_step(self, batches):
         steps.append(1)
         if len(steps) == 3:  # the first step of iteration 2
             self.loss_fn.beta = float("nan")  # a NaN in the loss, its gradients and the weights it updates
-        return real_step(self, batch)
+        return real_step(self, batches)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(LocalBackend, "train_step", poisoned_step)
@@ -243,7 +243,7 @@ def test_nan_sft_loss_stops_before_pi_0_is_saved(tiny_model_path, demos_file, tm
     out = tmp_path / "run"
     real_step = LocalBackend.sft_step
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(LocalBackend, "sft_step", lambda self, batch: real_step(self, batch) * float("inf"))
+        mp.setattr(LocalBackend, "sft_step", lambda *a: {run: x * float("inf") for run, x in real_step(*a).items()})
         with pytest.raises(RunStopped, match=r"^SFT step 1: the SFT loss is inf. Likely causes: .*--ditto.sft_lr"):
             run(cli_args(tiny_model_path, demos_file, out))
     assert not (out / "reference").exists()
@@ -329,11 +329,11 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model_path, demos_f
     real_generate = LocalBackend.generate
     calls, undo = [], []
 
-    def generate(self, prompts, n):
+    def generate(self, *a):
         calls.append(1)
         if len(calls) == 2:  # iteration 2: the first checkpoint is written
             undo.append(failure(out / "checkpoints"))
-        return real_generate(self, prompts, n)
+        return real_generate(self, *a)
 
     before = None
     try:
@@ -396,11 +396,12 @@ def test_paper_schedules_are_the_defaults(tiny_model_path, demos_file, tmp_path)
     # the local backend's SFT lr: 20% of --ditto.sft_steps (30), 6 steps, of linear warm-up, step k (1-based) at k/6
     # of the lr, then a cosine that reaches 0 one step after the last (schedules.py)
     backend = LocalBackend(tiny_model_path, args)
+    backend.add_run("")
     batch = collate([torch.tensor([5, 6, 7])], [torch.tensor([8, 9])], 0)
     for k in range(2, 12):
-        backend.sft_step(batch)  # step k - 1; the optimiser now holds step k's lr
+        backend.sft_step(batch, [""])  # step k - 1; the optimiser now holds step k's lr
         expected = k / 6 if k <= 6 else 0.5 * (1 + math.cos(math.pi * (k - 6) / (31 - 6)))
-        assert backend.sft_optimizer.param_groups[0]["lr"] == pytest.approx(expected * args.ditto.sft_lr, rel=1e-12)
+        assert backend.sft_optimizers[""][0].param_groups[0]["lr"] == pytest.approx(expected * args.ditto.sft_lr, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["constant_with_warmup", "cosine", "linear", "polynomial", "cosine_with_restarts"])

@@ -103,9 +103,8 @@ def test_sampling_stops_on_the_turn_end_even_where_the_generation_config_omits_i
     rollouts = sample_responses(model, prompts, 2, pad, stops, max_new_tokens=12)
     assert all(len(r) == 4 and r[-1] == end for group in rollouts for r in group)
     store = SampleStore.from_demos([p.tolist() for p in prompts], [[end]] * 3, [False] * 3)
-    maker = DittoExperienceMaker(
-        store, PairSampler(store), lambda batches: torch.zeros(sum(len(b.sequences) for b in batches)), pad, stops
-    )
+    no_reference = lambda batches, runs: torch.zeros(sum(len(b.sequences) for b in batches))  # noqa: E731
+    maker = DittoExperienceMaker(store, PairSampler(store), no_reference, pad, stops)
     assert maker.make_experience(rollouts)["samples/truncated_rate"] == 0.0  # finished, as the demos are
 
 

@@ -107,7 +107,7 @@ def test_every_eos_of_the_generation_config_ends_a_sample(tiny_model_path, tmp_p
     [[got]] = sample_responses(model, PROMPTS[:1], 1, PAD, eos, 12, top_p=1e-9)
     assert got == free[0][: k + 1]
     store = SampleStore.from_demos([PROMPTS[0].tolist()], [[5, tokenizer.eos_token_id]], [False])
-    no_reference = lambda batches: torch.zeros(sum(len(b.sequences) for b in batches))  # noqa: E731
+    no_reference = lambda batches, runs: torch.zeros(sum(len(b.sequences) for b in batches))  # noqa: E731
     maker = DittoExperienceMaker(store, None, no_reference, PAD, eos)
     stats = maker.make_experience([[got, free[0][:k]]])
     assert [s.truncated for s in store.iterations[0][0]] == [False, True]

@@ -50,11 +50,11 @@ def run(argv):
 
 
 def reference_state(backend: LocalBackend) -> dict[str, torch.Tensor]:
-    """The frozen reference's weights as the backend holds them (LoRA: the base weights under the adapter)."""
+    """The frozen reference's weights as the backend holds them (LoRA: the base and the frozen SFT adapter, merged
+    here as a single-user run saves them)."""
     if backend.reference is not None:
         return backend.reference.state_dict()
-    base = backend.model.get_base_model().state_dict()
-    return {k.replace(".base_layer", ""): v for k, v in base.items() if "lora_" not in k}
+    return backend.adapters.merged(backend.model, ("/sft",))
 
 
 @pytest.mark.parametrize("lora_rank", ["4", "0"])

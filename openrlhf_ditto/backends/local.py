@@ -129,15 +129,6 @@ class LocalBackend:
         else:
             self.adapters.load(f"{run}/sft", reference / "adapter" if (reference / "adapter").is_dir() else reference)
 
-    def drop_run(self, run: str) -> None:
-        """Free a finished run's adapters, optimiser state and adapter in the vLLM engine."""
-        for name in (f"{run}/sft", f"{run}/ditto"):
-            if self.adapters:
-                self.adapters.drop(name)
-        self.optimizers.pop(run, None)
-        if run in self.loaded:
-            self.vllm.llm.llm_engine.remove_lora(self.loaded.pop(run))
-
     def _names(self, run: str, reference: bool = False) -> tuple[str, ...]:
         ditto = f"{run}/ditto" in self.adapters.weights and not reference
         return (f"{run}/sft", f"{run}/ditto") if ditto else (f"{run}/sft",)

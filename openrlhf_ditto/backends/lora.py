@@ -111,7 +111,7 @@ class Adapters:
             t.requires_grad_(on)
 
     def drop(self, name: str) -> None:
-        self.weights.pop(name, None)
+        del self.weights[name]
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter as peft names its tensors."""
