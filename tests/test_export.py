@@ -16,8 +16,8 @@ from transformers import AutoTokenizer  # noqa: E402
 from openrlhf_ditto.cli.args import hierarchize  # noqa: E402
 from openrlhf_ditto.cli.main import build_parser, main  # noqa: E402
 from openrlhf_ditto.pairs import KINDS, PairSampler, kind_counts  # noqa: E402
-from openrlhf_ditto.store import DEMO, Response, SampleStore  # noqa: E402
 from openrlhf_ditto.runfolder import run_config  # noqa: E402
+from openrlhf_ditto.store import DEMO, Response, SampleStore  # noqa: E402
 
 SENTENCES = [
     "Beautiful is better than ugly.",

@@ -401,7 +401,8 @@ def test_paper_schedules_are_the_defaults(tiny_model_path, demos_file, tmp_path)
     for k in range(2, 12):
         backend.sft_step(batch, [""])  # step k - 1; the optimiser now holds step k's lr
         expected = k / 6 if k <= 6 else 0.5 * (1 + math.cos(math.pi * (k - 6) / (31 - 6)))
-        assert backend.sft_optimizers[""][0].param_groups[0]["lr"] == pytest.approx(expected * args.ditto.sft_lr, rel=1e-12)
+        lr = backend.sft_optimizers[""][0].param_groups[0]["lr"]
+        assert lr == pytest.approx(expected * args.ditto.sft_lr, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["constant_with_warmup", "cosine", "linear", "polynomial", "cosine_with_restarts"])

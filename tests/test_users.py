@@ -80,11 +80,11 @@ def files_of(folder) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_each_user_ends_as_a_single_user_run_of_them_ends(tiny_model_path, users_dir, multi_run, tmp_path):
-    """The bound: a single-user run merges the SFT adapter into the base (x (W + s B A)), a multi-user run keeps it
-    as an adapter (x W + s (x A) B). Only the order of float additions differs (fp32 rounding, ~6e-8 of each value),
-    so the SFT adapters are bit-identical, every sampled token is the same (a draw would have to land within ~1e-7
-    of a boundary of the sampling CDF to flip), reference log-probs agree to ~1e-7 of their size and the DITTO
-    adapters to ~1e-7 of a weight; the asserts leave 10-100x room."""
+    """The bound: one loop and one backend, so a user of a many-users job computes what a single-user run of them
+    computes, except that their rows share each batch with the other users' rows and are padded to the longest of
+    them (fp32 rounding, ~1e-7 of each value): every sampled token is the same (a draw would have to land within
+    ~1e-7 of a boundary of the sampling CDF to flip), reference log-probs agree to ~1e-7 of their size, the SFT and
+    DITTO adapters to ~1e-7 of a weight; the asserts leave 10-100x room."""
     for uid in USERS:
         single = tmp_path / uid
         argv = ["train", "--actor.model_name_or_path", str(tiny_model_path), "--data.dataset",
@@ -98,11 +98,10 @@ def test_each_user_ends_as_a_single_user_run_of_them_ends(tiny_model_path, users
             for a, b in zip(ours, theirs):
                 assert abs(a["ref_logp"] - b["ref_logp"]) <= 1e-5 * max(1.0, abs(b["ref_logp"]))
 
-        # pi_0: the user's SFT adapter merged as the single-user run merged it is its reference/, bit for bit
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, user / "reference").merge_and_unload().state_dict()
-        for name, tensor in load_file(single / "reference" / "model.safetensors").items():
-            assert torch.equal(merged[name], tensor), name
+        # pi_0: the user's SFT adapter is the single-user run's (reference/adapter/, merged into reference/)
+        sft = load_file(user / "reference" / "adapter_model.safetensors")
+        for name, theirs in load_file(single / "reference" / "adapter" / "adapter_model.safetensors").items():
+            assert (sft[name] - theirs).abs().max() <= 1e-6, name
 
         # the DITTO adapter: the second half (in rank) of the user's final/ adapter
         single_adapter = load_file(single / "final" / "adapter" / "adapter_model.safetensors")
@@ -154,7 +153,9 @@ def test_users_get_their_own_adapters_metrics_and_a_summary(multi_run):
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_with_nothing_lost(tiny_model_path, users_dir, multi_run, tmp_path):
     """Each user where a kill can leave them: alice after her first iteration's checkpoint, bob with pi_0 saved and
-    no DITTO checkpoint yet, carol finished. --resume ends every user as the uninterrupted run did, bit for bit."""
+    no DITTO checkpoint yet, carol finished. --resume ends every user as the uninterrupted run did: the same samples,
+    and, since the resumed job batches alice and bob without carol (other padding), numbers within fp32 rounding.
+    Bit for bit where the job's users are the same: `test_a_job_stopped_everywhere_at_once_resumes_bit_for_bit`."""
     out = copy_run(multi_run, tmp_path / "run")
     alice, bob = out / "users" / "alice", out / "users" / "bob"
     for user in (alice, bob):
@@ -173,9 +174,11 @@ def test_an_interrupted_run_resumes_with_nothing_lost(tiny_model_path, users_dir
         ours, theirs = out / "users" / uid, multi_run / "users" / uid
         for t in range(2):
             name = f"iteration_{t:05d}.json"
-            assert (ours / "store" / name).read_bytes() == (theirs / "store" / name).read_bytes(), f"{uid} {name}"
+            x, y = (json.loads((r / "store" / name).read_text()) for r in (ours, theirs))
+            assert [s["ids"] for s in x] == [s["ids"] for s in y], f"{uid} {name}"
+            assert all(abs(p["ref_logp"] - q["ref_logp"]) <= 1e-5 * max(1, abs(q["ref_logp"])) for p, q in zip(x, y))
         a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (ours, theirs))
-        assert all(torch.equal(a[k], b[k]) for k in b), uid
+        assert all((a[k] - b[k]).abs().max() <= 1e-6 for k in b), uid
         rows = [json.loads(line) for line in (ours / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if r["prefix"] == "train"] == [1, 2, 3, 4]
 
@@ -251,8 +254,12 @@ def test_a_new_user_or_new_demos_train_only_that_user(tiny_model_path, multi_run
         (["--ds.lora.rank", "0"], "--ds.lora.rank must be >= 1"),
         (["--data.dataset", "FILE"], "is not a folder"),
         (["--data.user_key", "author"], "no user key 'author'"),
-        (["--ditto.val_demos", "1"], "--ditto.val_demos is not supported with many users yet"),
-        (["--ditto.val_dataset", "FILE"], "--ditto.val_dataset is not supported with many users yet"),
+        (["--ditto.val_demos", "2"], "--ditto.val_demos 2 holds out every demo of users ['alice', 'bob', 'carol']"),
+        (["--ditto.val_dataset", "FILE"], "with many users, give a folder of files named by user id"),
+        (
+            ["--ditto.extra_pairs", "FILE", "--ditto.pair_fractions", "0.5", "0.2", "0.1", "0.2"],
+            "with many users, give a folder of files named by user id",
+        ),
     ],
 )
 def test_impossible_many_user_settings(tiny_model_path, users_dir, tmp_path, capsys, flags, expected):
@@ -325,25 +332,25 @@ def test_eval_of_a_multi_user_run_gives_a_row_per_user_and_the_average(tiny_mode
 
 
 def test_a_nan_stops_only_its_user_and_resume_finishes_them(tiny_model_path, users_dir, tmp_path, capsys):
-    from openrlhf_ditto.backends.multi_lora import MultiLoraBackend
+    from openrlhf_ditto.backends.local import LocalBackend
 
     out = tmp_path / "run"
     argv = users_argv(tiny_model_path, users_dir, out, "--ditto.sft_steps", "1")
-    real_step, steps = MultiLoraBackend.train_step, []
+    real_step, steps = LocalBackend.train_step, []
 
-    def poisoned_step(self, batch):
-        metrics = real_step(self, batch)
-        steps.append(self.current)
-        if self.current == "bob" and steps.count("bob") == 3:  # bob's first step of iteration 2
-            metrics["loss"] = float("nan")
+    def poisoned_step(self, batches):
+        metrics = real_step(self, batches)
+        steps.extend(batches)
+        if "bob" in batches and steps.count("bob") == 3:  # bob's first step of iteration 2
+            metrics["bob"]["loss"] = float("nan")
         return metrics
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(MultiLoraBackend, "train_step", poisoned_step)
+        mp.setattr(LocalBackend, "train_step", poisoned_step)
         with pytest.raises(SystemExit) as e:
             main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "1 of 3 users stopped" in err and "user bob, step 3: loss is nan" in err
+    assert e.value.code == 1 and "1 of 3 users stopped" in err and "user bob, step 3 (iteration 2): loss is nan" in err
     assert steps.count("alice") == steps.count("carol") == 4 and steps.count("bob") == 3
     bob = out / "users" / "bob"
     assert (bob / "checkpoints" / "latest").read_text() == "iter_00001" and not (bob / "final").exists()
@@ -356,3 +363,63 @@ def test_a_nan_stops_only_its_user_and_resume_finishes_them(tiny_model_path, use
     assert {uid: files_of(out / "users" / uid) for uid in ("alice", "carol")} == finished
     rows = [json.loads(line) for line in (bob / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["prefix"] == "train"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_job_stopped_everywhere_at_once_resumes_bit_for_bit(tiny_model_path, users_dir, multi_run, tmp_path):
+    """Every user stopped after their first iteration's checkpoint: the resumed job batches the same users as the
+    uninterrupted one, so every user ends as it did, bit for bit (stores, final adapters, metrics)."""
+    out = copy_run(multi_run, tmp_path / "run")
+    for uid in USERS:
+        user = out / "users" / uid
+        shutil.rmtree(user / "final")
+        (user / "metrics.jsonl").unlink()
+        shutil.rmtree(user / "checkpoints" / "iter_00002")
+        (user / "store" / "iteration_00001.json").unlink()
+        (user / "checkpoints" / "latest").write_text("iter_00001")
+    main(users_argv(tiny_model_path, users_dir, out, "--resume"))
+    for uid in USERS:
+        ours, theirs = out / "users" / uid, multi_run / "users" / uid
+        for t in range(2):
+            name = f"iteration_{t:05d}.json"
+            assert (ours / "store" / name).read_bytes() == (theirs / "store" / name).read_bytes(), f"{uid} {name}"
+        a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (ours, theirs))
+        assert all(torch.equal(a[k], b[k]) for k in b), uid
+        rows = [json.loads(line) for line in (ours / "metrics.jsonl").read_text().splitlines()]
+        old = [json.loads(line) for line in (theirs / "metrics.jsonl").read_text().splitlines()]
+        drop = ("tokens_per_s", "pairs_per_s")  # wall-clock rates
+        assert [{k: v for k, v in r.items() if k not in drop} for r in rows if r["prefix"] == "train"] == [
+            {k: v for k, v in r.items() if k not in drop} for r in old if r["prefix"] == "train"
+        ]
+
+
+def test_held_out_demos_and_extra_pairs_work_with_many_users(tiny_model_path, users_dir, tmp_path):
+    """--ditto.val_demos and --ditto.extra_pairs (a folder of files named by user id) with many users, as with one:
+    each user's held-out signal in their metrics, their own pairs in their store and steps, and the sample text of
+    each iteration in TensorBoard under their id."""
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    chat = [
+        {"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": good}],
+         "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}]}
+        for q, good, bad in [("Is flat better?", "Flat is better than nested.", "Nested is best."),
+                             ("Errors?", "Errors should never pass silently.", "Ignore them all.")]
+    ]  # fmt: skip
+    (pairs / "alice.jsonl").write_text("".join(json.dumps(p) + "\n" for p in chat))
+    out = tmp_path / "run"
+    main(users_argv(tiny_model_path, users_dir, out, "--ditto.val_demos", "1", "--ditto.extra_pairs", str(pairs),
+                    "--ditto.pair_fractions", "0.5", "0.2", "0.1", "0.2"))  # fmt: skip
+    for uid in USERS:
+        user = out / "users" / uid
+        rows = [json.loads(line) for line in (user / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows if r["prefix"] == "val"] == [0, 1, 2], uid
+        store = json.loads((user / "store" / "demos.json").read_text())
+        assert len(store["demos"]) == 1, "the last demo is held out"
+        external = sum(r.get("external/count", 0) for r in rows if r["prefix"] == "train")
+        assert (external > 0) == (uid == "alice"), uid
+        view = json.loads((user / "run_config.json").read_text())
+        assert view["ditto"]["extra_pairs"] == (str((pairs / "alice.jsonl").resolve()) if uid == "alice" else None)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(out / "logs")).Reload().Tags()["tensors"]
+    assert {f"{uid}/samples/example/text_summary" for uid in USERS} <= set(tags), tags
