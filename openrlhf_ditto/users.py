@@ -361,7 +361,7 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
         _summary(out, args, status)
         return out
     backend = make_backend(args.actor.model_name_or_path)
-    claim_run_folder(args)
+    lock = claim_run_folder(args)
 
     logger = Logger(args, out / "logs")
     stopped: dict[str, str] = {}
@@ -435,6 +435,7 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
         ) from None
     finally:
         logger.close()
+        lock.close()
         if main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
     _summary(out, args, status)
