@@ -26,7 +26,7 @@ from fastapi import FastAPI, HTTPException, Request
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.loss import sequence_logps
-from openrlhf_ditto.models import check_causal_lm
+from openrlhf_ditto.models import check_causal_lm, check_weights
 from openrlhf_ditto.pairs import collate
 from openrlhf_ditto.trainer import read_run_config
 
@@ -195,13 +195,17 @@ def load_reward(args: SimpleNamespace) -> DittoReward:
         max_len = max_len or config["data"]["max_len"]
         adapter = run / "final" / "adapter"
         policy, reference = (adapter if adapter.is_dir() else run / "final"), run / "reference"
+        flags = (f"--run {run}:", f"--run {run}:")
     else:
         if not (args.policy and args.reference and args.beta is not None):
             raise ValueError("give --run RUN_DIR, or all of --policy, --reference and --beta")
         policy, reference, beta = args.policy, args.reference, args.beta
+        flags = ("--policy", "--reference")
         check_causal_lm(reference, "--reference")
         if not (Path(policy) / "adapter_config.json").exists():
             check_causal_lm(policy, "--policy")
+    for flag, folder in zip(flags, (policy, reference)):
+        check_weights(folder, flag)
     return DittoReward(
         policy,
         reference,

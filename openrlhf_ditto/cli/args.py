@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
+from openrlhf_ditto.models import check_weights
 from openrlhf_ditto.schedules import lr_scheduler
 
 
@@ -352,3 +353,4 @@ def validate(args: SimpleNamespace) -> None:
         raise ValueError("--ditto.val_demos and --ditto.val_dataset both hold demos out: give one of them")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite deletes it: give one of them")
+    check_weights(args.actor.model_name_or_path, "--actor.model_name_or_path")

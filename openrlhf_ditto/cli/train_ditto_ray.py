@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from openrlhf_ditto.cli.args import Parser, add_ditto_args, check_ranges, exit_codes, hierarchize, validate
-from openrlhf_ditto.models import check_causal_lm, check_lora_targets
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets, check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +240,7 @@ def resolve_model(name: str, dry_run: bool) -> Path:
         folder = Path(snapshot_download(name, allow_patterns=files, local_files_only=not dry_run))
         if not dry_run and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise FileNotFoundError(f"{folder} has no weights")
+        check_weights(folder, "--actor.model_name_or_path")
     except Exception as e:  # offline, no such repo, gated, not a repo id, an incomplete download: all mean the same
         raise FileNotFoundError(
             f"--actor.model_name_or_path {name} is not a local folder, and could not {get} ({type(e).__name__}: "
