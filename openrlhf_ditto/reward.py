@@ -112,6 +112,8 @@ class DittoReward:
         own. Either way the ids must decode back to the query, or the query is refused: a reward is never
         computed on tokens other than the rollout's."""
         tokenizer = self.tokenizer
+        if not queries:  # the tokenizer raises IndexError on an empty list
+            return []
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         items = []
         for i, (query, prompt, p) in enumerate(zip(queries, prompts, prompt_ids)):
@@ -195,7 +197,7 @@ def load_reward(args: SimpleNamespace) -> DittoReward:
         max_len = max_len or config["data"]["max_len"]
         adapter = run / "final" / "adapter"
         policy, reference = (adapter if adapter.is_dir() else run / "final"), run / "reference"
-        flags = (f"--run {run}:", f"--run {run}:")
+        flags = (f"--run {run}:",) * 2
     else:
         if not (args.policy and args.reference and args.beta is not None):
             raise ValueError("give --run RUN_DIR, or all of --policy, --reference and --beta")
@@ -230,6 +232,11 @@ def _parse(data) -> tuple[list[str], list[str], list]:
     for key, value in (("query", queries), ("prompts", prompts)):
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise ValueError(f"'{key}' must be a list of strings, got {json.dumps(value)[:200]}")
+        for i, x in enumerate(value):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800": the tokenizer would raise a TypeError
+                raise ValueError(f"{key}[{i}] is not valid Unicode text ({e.reason} at character {e.start})") from None
     labels = data.get("labels", [""] * len(queries))
     if not isinstance(labels, list) or not len(queries) == len(prompts) == len(labels):
         raise ValueError(
@@ -280,6 +287,8 @@ def build_app(
 
     async def mixed_rewards(url: str, payload: dict) -> list[float]:
         n = len(payload["query"])
+        if n == 0:  # nothing to ask
+            return []
         try:
             async with app.state.session.post(url, json=payload) as answer:
                 text = await answer.text()
