@@ -354,3 +354,9 @@ def validate(args: SimpleNamespace) -> None:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite deletes it: give one of them")
     check_weights(args.actor.model_name_or_path, "--actor.model_name_or_path")
+    if not (getattr(args.data, "users", False) or getattr(args.data, "user_key", None)):  # train_ditto_ray has neither
+        from openrlhf_ditto.demos import users_hint  # transformers: not for --help
+
+        hint = users_hint(args.data.dataset, args.data.input_key)
+        if hint:
+            print(hint, file=sys.stderr)
