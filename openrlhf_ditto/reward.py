@@ -14,6 +14,7 @@ queries of concurrent requests are gathered (up to --batch_size, --batch_wait_ms
 import asyncio
 import json
 import logging
+import math
 import socket
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -353,6 +354,15 @@ def build_app(
         for i, ((_, weight), other) in enumerate(zip(mix, others)):
             rewards = [r + weight * o for r, o in zip(rewards, other)]
             extra_logs[f"mix{i}_reward"] = other
+        bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+        if bad:  # JSON has no NaN: the answer would fail to encode, a 500 without a reason
+            message = (
+                f"the reward of query {bad[0]} is {rewards[bad[0]]} ({len(bad)} of {len(rewards)} not finite): the "
+                "policy, its reference or a --mix server gives NaN or inf (broken weights, an overflow in half "
+                "precision)"
+            )
+            logger.error("%s", message)
+            raise HTTPException(500, message)
         return {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs}
 
     return app

@@ -110,7 +110,8 @@ def load_users(args: SimpleNamespace, tokenizer) -> dict[str, tuple[list[dict], 
         broken = []  # every unusable file in one pass, so that one fix-up makes the folder right
         for file in files:
             if file.is_dir() or file.suffix.lower() not in DEMO_FILES:
-                broken.append(f"{file}: not a demo file ({', '.join(DEMO_FILES)}); a user is one file, not a folder")
+                folder = "; a user is one file, not a folder" if file.is_dir() else ""
+                broken.append(f"{file}: not a demo file ({', '.join(DEMO_FILES)}){folder}")
             elif not USER_ID.fullmatch(file.stem):
                 broken.append(
                     f"{file}: user id {file.stem!r} is not letters, digits, _ and - only (it names a folder and "

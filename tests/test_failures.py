@@ -760,6 +760,11 @@ def test_a_damaged_weights_file_is_one_line_in_every_command_that_loads_a_model(
         f"--actor.model_name_or_path {damage}"
     )
     assert not out.exists()
+    resumed = tmp_path / "resumed"  # a run whose pi_0 (reference/) was damaged since
+    shutil.copytree(damaged_model, resumed / "reference")
+    assert refused(main, cli_args(tiny_model_path, demos_file, resumed, "--resume"), capsys).startswith(
+        f"--resume: the run's pi_0 {resumed / 'reference' / 'model.safetensors'}: {size} bytes where"
+    )
     monkeypatch.setattr("openrlhf_ditto.models.smollm2_path", lambda: damaged_model)
     assert refused(main, ["quickstart", "--output_dir", str(out)], capsys).startswith(
         f"--actor.model_name_or_path {damage}"

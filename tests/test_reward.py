@@ -325,6 +325,14 @@ def test_every_request_shape_of_openrlhf_client_is_answered_never_500(
     [one] = asyncio.run(client([url], 3))
     assert one["rewards"] == expected
 
+    class Broken(DittoReward):  # broken weights: JSON has no NaN, so the answer could not be encoded
+        def __call__(self, items):
+            return [float("nan")] * len(items)
+
+    broken = Broken(run_dir / "final" / "adapter", run_dir / "reference", beta=0.05, max_len=96)
+    status, text = post(in_process_server(build_app(broken)), {"query": queries[:1], "prompts": prompts[:1]})
+    assert status == 500 and json.loads(text)["detail"].startswith("the reward of query 0 is nan (1 of 1 not finite)")
+
 
 def error_of(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
