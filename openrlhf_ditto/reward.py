@@ -355,7 +355,7 @@ def build_app(
             rewards = [r + weight * o for r, o in zip(rewards, other)]
             extra_logs[f"mix{i}_reward"] = other
         bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
-        if bad:  # JSON has no NaN: the answer would fail to encode, a 500 without a reason
+        if bad:  # answered 200 with a bare NaN (not JSON), which Python clients read and train on
             message = (
                 f"the reward of query {bad[0]} is {rewards[bad[0]]} ({len(bad)} of {len(rewards)} not finite): the "
                 "policy, its reference or a --mix server gives NaN or inf (broken weights, an overflow in half "

@@ -325,7 +325,7 @@ def test_every_request_shape_of_openrlhf_client_is_answered_never_500(
     [one] = asyncio.run(client([url], 3))
     assert one["rewards"] == expected
 
-    class Broken(DittoReward):  # broken weights: JSON has no NaN, so the answer could not be encoded
+    class Broken(DittoReward):  # broken weights: answered 200 with a bare NaN, which PPO would have trained on
         def __call__(self, items):
             return [float("nan")] * len(items)
 
