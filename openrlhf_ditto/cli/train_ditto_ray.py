@@ -240,7 +240,6 @@ def resolve_model(name: str, dry_run: bool) -> Path:
         folder = Path(snapshot_download(name, allow_patterns=files, local_files_only=not dry_run))
         if not dry_run and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise FileNotFoundError(f"{folder} has no weights")
-        check_weights(folder, "--actor.model_name_or_path")
     except Exception as e:  # offline, no such repo, gated, not a repo id, an incomplete download: all mean the same
         raise FileNotFoundError(
             f"--actor.model_name_or_path {name} is not a local folder, and could not {get} ({type(e).__name__}: "
@@ -248,6 +247,8 @@ def resolve_model(name: str, dry_run: bool) -> Path:
             f"{name} --local-dir /shared/models/{name.rpartition('/')[2]}`, and pass that folder (the recipes: "
             "MODEL=/shared/models/...)"
         ) from None
+    if not dry_run:  # a dry run fetched no weights
+        check_weights(folder, "--actor.model_name_or_path")
     return folder
 
 
