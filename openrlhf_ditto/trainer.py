@@ -32,8 +32,10 @@ from openrlhf_ditto.runfolder import (
     RunFolderError,
     RunStopped,
     atomic_dir,
+    check_inputs_unchanged,
     check_run_folder,
     claim_run_folder,
+    input_fingerprints,
     jsonl,
     read_checkpoint,
     resume_hint,
@@ -499,16 +501,18 @@ def train(args: SimpleNamespace, make_backend) -> Path:
     out = Path(args.ckpt.output_dir)
     tokenizer = load_tokenizer(args)
     store = demos_and_store(args, tokenizer)
+    inputs = input_fingerprints(store)
+    check_inputs_unchanged(args, inputs)
     val = held_out_demos(args, tokenizer)
     reference = out / "reference"
     from_reference = args.resume and reference.exists()  # pi_0 of the run being continued: no SFT again
     torch.manual_seed(args.train.seed)
     backend = make_backend(reference if from_reference else args.actor.model_name_or_path)
-    claim_run_folder(args)
-    if resume_from is not None:
-        store = SampleStore.load(out / "store", num_iterations=read_checkpoint(resume_from)[0]["iteration"])
-    run = Run("", out, store, val, resume_from)
-    run_ditto(args, backend, [run], tokenizer)
+    with claim_run_folder(args, inputs):  # the run folder's lock, held while it trains
+        if resume_from is not None:
+            store = SampleStore.load(out / "store", num_iterations=read_checkpoint(resume_from)[0]["iteration"])
+        run = Run("", out, store, val, resume_from)
+        run_ditto(args, backend, [run], tokenizer)
     if run.stopped:
         raise RunStopped(f"{run.stopped}. Nothing after the last checkpoint was kept: {resume_hint(out)}")
     return out / "final"
