@@ -304,7 +304,7 @@ def alone(run: Run):
 
 
 def _rng_state(run: Run) -> dict:
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None  # the Ray driver never inits CUDA
     return {
         "sampler": run.sampler.state_dict(),
         "generator": run.rng.get_state(),
@@ -382,7 +382,7 @@ def run_ditto(args: SimpleNamespace, backend: Backend, runs: list[Run], tokenize
                     run.sampler.load_state_dict(rng["sampler"])
                     run.rng.set_state(rng["generator"])
                     torch.set_rng_state(rng["torch"])
-                    if rng.get("cuda") is not None and torch.cuda.is_available():
+                    if rng.get("cuda") is not None and torch.cuda.is_initialized():
                         torch.cuda.set_rng_state(rng["cuda"])
                     at = f"iteration {run.state['iteration']}, step {run.state['global_step']}"
                     print(f"{_who(run)}resumed from {run.resume_from} ({at})")

@@ -342,8 +342,8 @@ def run_ditto(tiny_model_path, zero_stage: int, lora: int, output_dir: str, *ext
         backend = ob.build_openrlhf_backend(args, path)
         generate = backend.generate
 
-        def generate_and_check(prompts, n):
-            out = generate(prompts, n)
+        def generate_and_check(*a):
+            out = generate(*a)
             checks.append(check_engines(backend))
             return out
 
@@ -465,7 +465,7 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
     # the engines end up with the weights the policy was saved with (through ZeRO-3's gathered merge too): after one
     # more sync their greedy continuation has the log-probs of the saved final/ model
     final = out / "final"
-    backend.generate(store.prompts[:1], 1)
+    backend.generate(store.prompts[:1], 1, [""], [0])
     saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.bfloat16)
     prompt = torch.tensor(AutoTokenizer.from_pretrained(final)(CHECK_PROMPT, add_special_tokens=False)["input_ids"])
     for check in checks[-1]:
@@ -478,7 +478,8 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
     # the reference's log-probs, its micro-batches dealt over the two ranks (3 batches: one copy fills rank 1)
     reference = AutoModelForCausalLM.from_pretrained(out / "reference", dtype=torch.bfloat16)
     batches = [collate_pairs(PairSampler(store, (1, 0, 0), seed=s).sample(1), store, 0) for s in range(3)]
-    got = backend.reference_logps(batches)
+    runs = [[""] * len(b.sequences) for b in batches]
+    got = backend.reference_logps(batches, runs)
     with torch.no_grad():
         want = torch.cat([sequence_logps(reference, b) for b in batches])
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.1)
@@ -486,7 +487,7 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
     policy = AutoModelForCausalLM.from_pretrained(final, dtype=torch.bfloat16)
     with torch.no_grad():
         want = torch.cat([sequence_logps(policy, b) for b in batches])
-    torch.testing.assert_close(backend.policy_logps(batches), want, rtol=0.02, atol=0.1)
+    torch.testing.assert_close(backend.policy_logps(batches, runs), want, rtol=0.02, atol=0.1)
     assert not torch.allclose(want, got, atol=1e-3), "the policy moved away from the reference"
 
     # checkpoints are DeepSpeed's, per rank; with LoRA, the adapter and its optimizer state, not the frozen base
@@ -501,7 +502,7 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
     # step on 3 pairs (the 4th slot pads) against the same gradient in one process
     batch = collate_pairs(PairSampler(store, (0.7, 0.2, 0.1), seed=1).sample(3), store, 0)
     expected = grad_norm_in_one_process(final, batch, args, bool(lora))
-    assert backend.train_step(batch)["grad_norm"] == pytest.approx(expected, rel=0.05)
+    assert backend.train_step({"": batch})[""]["grad_norm"] == pytest.approx(expected, rel=0.05)
 
     # resume: a copy of the run, stopped after iteration 1, continues to the same samples and weights (vLLM samples
     # each prompt with a seed from the driver's checkpointed RNG). Two configurations load both ZeRO stages' and

