@@ -247,11 +247,15 @@ def evaluate(args: SimpleNamespace) -> Path:
             f"{config['data']['max_len']}; give fewer"
         )
     judge_id, api_key = _judge_settings(args)
-    writing = None  # the style judge's profile of the user: the run's demos (with each judgment's reference)
+    writing = None  # the style judge's profile of the user (with each judgment's reference)
     if args.judge.kind == "style":
-        run_data = config["data"]
-        demos = read_records(run_data["dataset"], "--judge style: the run's demos (its --data.dataset)")
-        writing = [_conversation(r, run_data["input_key"], run_data["output_key"])[1] for r in demos]
+        if args.judge.profile == "heldout":  # what SFT never saw: reproducing the demos earns nothing by itself
+            held_out = read_records(args.data.dataset, "--data.dataset (held-out)")
+            writing = [_conversation(r, args.data.input_key, args.data.output_key)[1] for r in held_out]
+        else:
+            run_data = config["data"]
+            demos = read_records(run_data["dataset"], "--judge style: the run's demos (its --data.dataset)")
+            writing = [_conversation(r, run_data["input_key"], run_data["output_key"])[1] for r in demos]
         judge_id = f"style v1 {hashlib.sha256(json.dumps(writing).encode()).hexdigest()[:16]}"
     models = conditions(args.conditions, run, config["actor"]["model_name_or_path"])
     # every prompt rendered and checked before any model is loaded: a bad file stops the eval at once

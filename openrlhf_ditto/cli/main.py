@@ -199,6 +199,13 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="openai: retries of a failed request, 1, 2, 4... s apart (default: 4)",
     )
     g.add_argument("--judge.batch_size", type=int, default=8, help="local: judgments per forward (default: 8)")
+    g.add_argument(
+        "--judge.profile",
+        choices=("demos", "heldout"),
+        default="demos",
+        help="style: the user's writing each output is compared with, besides the prompt's own held-out response: "
+        "the run's demos, or the held-out answers alone (not what SFT trained on) (default: demos)",
+    )
 
 
 def validate_eval(args) -> None:
