@@ -215,7 +215,7 @@ def generations(out: Path, name: str, folder: str, prompts: list[str], demos: li
     tokenizer = AutoTokenizer.from_pretrained(folder)
     shots = [(d["prompt"], d["response"]) for d in demos] if name == "few-shot" else []
     rendered = [few_shot_prompt(tokenizer, shots, p, True, None) for p in prompts]
-    rows = _generate(folder, rendered, sampling, 8, None)
+    rows = _generate(folder, rendered, sampling, len(rendered), None)  # one batch: decoding is memory-bound
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows

@@ -99,3 +99,16 @@ def test_demos_are_cut_at_a_sentence_end(monkeypatch, tiny_model_path, tmp_path)
     source.write_text(json.dumps({"prompt": "p", "response": text}) + "\n")
     target, mid_sentence, answers = cut_file(source, tmp_path / "cut.jsonl", tokenizer, n - 2)
     assert (mid_sentence, answers) == (0, 1) and json.loads(target.read_text())["response"].endswith("implicit!")
+
+
+def test_the_two_profiles_agreement_counts_the_judgments_both_made(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from heldout_authors import agreement
+
+    rows = [("demos", 0, "A"), ("held", 0, "A"), ("demos", 1, "A"), ("held", 1, "B"), ("demos", 2, "B")]
+    lines = [{"judge": j, "prompt": p, "sample": 0, "A": "sft", "B": "ditto", "answer": a, "status": "ok"}
+             for j, p, a in rows]  # fmt: skip
+    lines.append({"judge": "held", "prompt": 2, "sample": 0, "A": "sft", "B": "ditto", "status": "failed"})
+    path = tmp_path / "judgments.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert agreement(path, "demos") == (1, 2)  # prompt 0 agrees, 1 does not, 2 only one profile judged
