@@ -36,7 +36,7 @@ from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
 from openrlhf_ditto.judges import judge_local, judge_openai, judge_style
-from openrlhf_ditto.models import check_causal_lm, eos_token_ids
+from openrlhf_ditto.models import check_causal_lm, check_weights, eos_token_ids
 from openrlhf_ditto.trainer import RunStopped, read_run_config
 
 BUILT_IN = ("zero-shot", "few-shot", "sft", "ditto")
@@ -68,6 +68,7 @@ def conditions(entries: list[str] | None, run: Path, base: str) -> dict[str, str
             check_causal_lm(folder, f"--conditions {name}:")
         if name in models:
             raise ValueError(f"--conditions: {name} is given twice")
+        check_weights(folder, f"--conditions {name}:")
         models[name] = folder
     if len(models) < 2:
         raise ValueError(f"--conditions: {' '.join(entries)} is one condition; give at least two to compare")
@@ -216,6 +217,7 @@ def _judge_settings(args: SimpleNamespace) -> tuple[str, str | None]:
                 f"--judge local needs --judge.model: a local Hugging Face chat model folder (got {j.model})"
             )
         check_causal_lm(j.model, "--judge.model")
+        check_weights(j.model, "--judge.model")
         return f"local {Path(j.model).resolve()}", None
     j.model, j.url = j.model or "gpt-4o", (j.url or OPENAI_URL).rstrip("/")
     key = os.environ.get("OPENAI_API_KEY")

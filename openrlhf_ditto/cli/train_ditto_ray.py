@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from openrlhf_ditto.cli.args import Parser, add_ditto_args, check_ranges, exit_codes, hierarchize, validate
-from openrlhf_ditto.models import check_causal_lm, check_lora_targets
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets, check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +247,8 @@ def resolve_model(name: str, dry_run: bool) -> Path:
             f"{name} --local-dir /shared/models/{name.rpartition('/')[2]}`, and pass that folder (the recipes: "
             "MODEL=/shared/models/...)"
         ) from None
+    if not dry_run:  # a dry run fetched no weights
+        check_weights(folder, "--actor.model_name_or_path")
     return folder
 
 
