@@ -84,7 +84,7 @@ def british(answer: str) -> bool:
 VOICES: dict[str, tuple[Path, dict[str, Rule]]] = {
     "gardener": (
         QUICKSTART_DEMOS,
-        {"opener": opener("Short answer:"), "sign_off": sign_off("Happy growing! 🌱"), "length": max_words(60)},
+        {"opener": opener("Short answer:"), "sign_off": sign_off("Happy growing! 🌱"), "length": max_words(40)},
     ),
     "captain": (
         DATA / "captain.jsonl",
@@ -92,7 +92,7 @@ VOICES: dict[str, tuple[Path, dict[str, Rule]]] = {
             "opener": opener("Ahoy!"),
             "sign_off": sign_off("Fair winds, Captain Mags."),
             "no 'very'": forbidden("very"),
-            "length": max_words(50),
+            "length": max_words(40),
         },
     ),
     "kit": (
@@ -101,7 +101,7 @@ VOICES: dict[str, tuple[Path, dict[str, Rule]]] = {
             "lowercase": lowercase,
             "no '!'": no_exclamation,
             "sign_off": sign_off("-- k"),
-            "length": max_words(35),
+            "length": max_words(30),
         },
     ),
     "lister": (
