@@ -18,7 +18,7 @@ Runs per voice, each `openrlhf-ditto train` with the quick start's flags (the sm
 Conditions: zero-shot and few-shot (the base model, bare and with the voice's demos in context), sft, ditto,
 offline, online_only, updated_ref, sft_tight, ditto_tight.
 
-    python benchmarks/voices.py --quick     # a few minutes: 2 voices, 8 prompts x 2 samples, 4 conditions
+    python benchmarks/voices.py --quick     # smoke run: 2 voices, 8 prompts x 2 samples, 4 conditions, shrunk runs
     python benchmarks/voices.py             # everything: 5 voices x 24 prompts x 4 samples, 9 conditions
 
 Runs and generations are kept in --out: a second call only adds what is missing.
