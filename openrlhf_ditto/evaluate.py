@@ -162,10 +162,19 @@ def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, 
     if sampling["engine"] == "vllm":
         from openrlhf_ditto.backends.vllm_engine import VLLMEngine
 
-        share = gpu_memory_utilization or (0.9 if device.type == "cuda" else 0.1)
+        share = gpu_memory_utilization or 0.1
+        if device.type == "cuda":
+            # vLLM refuses to start when its share exceeds what is free: whatever the previous condition's engine or
+            # this process left cached is given back first, and the default share is at most what is free
+            gc.collect()
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info()
+            share = gpu_memory_utilization or min(0.9, free / total - 0.02)
         engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share)
-        groups = engine.generate(ids, n, eos, max_new, temperature, top_p)
-        engine.close()
+        try:
+            groups = engine.generate(ids, n, eos, max_new, temperature, top_p)
+        finally:
+            engine.close()
     else:
         groups = []
         for start in range(0, len(ids), batch_size):

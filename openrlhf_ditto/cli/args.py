@@ -52,7 +52,13 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="HF model folder or name to align (or an SFT checkpoint with --ditto.sft_steps 0)",
     )
-    g.add_argument("--actor.gradient_checkpointing_enable", action="store_true", help="trade compute for memory")
+    g.add_argument(
+        "--actor.gradient_checkpointing_enable",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trade compute for memory (default: train on a GPU: on, with a smaller --train.micro_batch_size if "
+        "need be, when the step would not fit its free memory without it, README: Memory; else off)",
+    )
 
     g = parser.add_argument_group("data: the demonstrations")
     g.add_argument("--data.dataset", required=True, help="demos: a JSON/JSONL/Parquet/CSV file or a dataset folder")

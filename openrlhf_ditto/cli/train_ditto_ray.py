@@ -281,6 +281,7 @@ def dry_run(args) -> None:
 
     from transformers import AutoTokenizer
 
+    from openrlhf_ditto.memory import describe
     from openrlhf_ditto.trainer import check_run_folder, demos_and_store
 
     model = Path(args.actor.model_name_or_path)
@@ -296,6 +297,7 @@ def dry_run(args) -> None:
         f"dry run ok: model {model}, {len(store.demos)} demos on {len(store.prompts)} prompts from "
         f"{args.data.dataset}, OpenRLHF {installed} (written for 0.11.2)"
     )
+    print(describe(args, len(store.prompts), ray=True))
     if max(args.actor.num_nodes, args.ref.num_nodes) > 1:  # every node's actors read the model, write the run folder
         for flag, path in (("--actor.model_name_or_path", model), ("--ckpt.output_dir", Path(args.ckpt.output_dir))):
             fs = filesystem(path)
