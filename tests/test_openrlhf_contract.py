@@ -5,10 +5,12 @@ depends on it. The classes are the real installed ones; nothing here needs a GPU
 import inspect
 import os
 import re
+from types import SimpleNamespace
 
 os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")  # flash-attn without CUDA kernels (CPU install)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from openrlhf_ditto.cli.args import hierarchize  # noqa: E402
 
@@ -189,3 +191,32 @@ def test_every_setting_openrlhf_reads_is_given(tmp_path):
     assert args.rollout.temperature == 1.0, "the roles' log-probs must be at temperature 1 (DPO), not the sampling one"
     strategy = get_strategy(args)  # builds on CPU: only setup_distributed needs CUDA
     assert strategy.stage == args.ds.zero_stage
+
+
+def test_ray_rollouts_sample_with_the_runs_top_k(tmp_path, monkeypatch):
+    """OpenRLHFBackend.generate hands vLLM --rollout.top_k (default 50, the official DITTO code's) with the other
+    sampling flags; its engines and policy group stood in for, no Ray."""
+    from openrlhf_ditto.cli.train_ditto_ray import build_parser
+
+    def args_of(*flags):
+        argv = ["--actor.model_name_or_path", str(tmp_path), "--data.dataset", str(tmp_path / "d.jsonl"), *flags]
+        return hierarchize(build_parser().parse_args(argv))
+
+    class Engine:
+        def __init__(self):
+            self.params = []
+            self.generate = SimpleNamespace(remote=self.remote)
+
+        def remote(self, ids, params):
+            self.params.append(params)
+            return SimpleNamespace(outputs=[SimpleNamespace(token_ids=[5, 2])] * params.n)
+
+    monkeypatch.setattr(backend.ray, "get", lambda refs: refs)
+    for flags, top_k in [((), 50), (("--rollout.top_k", "-1"), -1), (("--rollout.top_k", "7"), 7)]:
+        engine = Engine()
+        ours = object.__new__(backend.OpenRLHFBackend)
+        ours.args, ours.engines, ours.stop_token_ids = args_of(*flags), [engine], [2]
+        ours.policy = SimpleNamespace(async_run_method=lambda name: None)
+        ours.policy_states_on_gpu = True
+        assert ours.generate([torch.tensor([1, 3])] * 2, 3) == [[[5, 2]] * 3] * 2
+        assert [(p.top_k, p.top_p, p.temperature, p.n) for p in engine.params] == [(top_k, 1.0, 1.0, 3)] * 2

@@ -400,7 +400,9 @@ def test_no_pair_comes_twice_in_a_batch_while_its_kind_has_unused_pairs(store, f
         available = pool(store, kind)
         assert set(drawn) <= set(available)
         assert len(set(drawn)) == min(count, len(available))
-        if available and count:  # a pair comes again only once all of them are in: the pool, shuffled, as often as needed
+        if (
+            available and count
+        ):  # a pair comes again only once all of them are in: the pool, shuffled, as often as needed
             assert len(drawn) == count
             assert max(drawn.count(k) for k in drawn) <= -(-count // len(available))
 

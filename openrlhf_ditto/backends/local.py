@@ -125,7 +125,7 @@ class LocalBackend:
         r = self.args.rollout
         if r.engine == "torch":
             return sample_responses(
-                self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p
+                self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, r.top_k
             )
         from openrlhf_ditto.backends.vllm_engine import VLLMEngine, weights_for_sync
 
@@ -140,7 +140,7 @@ class LocalBackend:
             )
         # LoRA: the adapted layers, which hold everything pi_t changed (SFT's merged adapter too); else every weight
         weights = weights_for_sync(self.model, self.vllm.dtype)
-        return self.vllm.generate(prompts, n, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, weights)
+        return self.vllm.generate(prompts, n, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, r.top_k, weights)
 
     @torch.no_grad()
     def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:

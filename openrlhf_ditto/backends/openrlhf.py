@@ -301,6 +301,7 @@ class OpenRLHFBackend:
                 n=n,
                 temperature=r.temperature,
                 top_p=r.top_p,
+                top_k=r.top_k,
                 max_tokens=r.max_new_tokens,
                 stop_token_ids=self.stop_token_ids,
                 seed=seed,
