@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.backends.sampling import sample_responses
-from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
+from openrlhf_ditto.loss import DittoActorLoss, sequence_logps, train_without_dropout
 from openrlhf_ditto.models import eos_token_ids, save_pretrained
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 from openrlhf_ditto.schedules import lr_scheduler
@@ -162,7 +162,7 @@ class LocalBackend:
 
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         start = time.perf_counter()
-        self.model.train()
+        train_without_dropout(self.model)
         B, demos = len(batch.kinds), int(batch.chosen_is_demo.sum())
         chosen, rejected = [], []
         for mb in batch.split(self.args.train.micro_batch_size):
