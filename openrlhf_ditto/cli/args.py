@@ -198,7 +198,11 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ditto.label_smoothing", type=float, default=0.0, help="cDPO label smoothing (default: 0, plain DPO)"
     )
-    g.add_argument("--ditto.ipo", action="store_true", help="use the IPO loss instead of DPO")
+    g.add_argument(
+        "--ditto.ipo",
+        action="store_true",
+        help="use the IPO loss instead of DPO (on per-token mean log-probs, as TRL and the IPO paper)",
+    )
     g.add_argument(
         "--ditto.nll_coef", type=float, default=0.0, help="weight of an NLL term on the demos' tokens (default: 0)"
     )
