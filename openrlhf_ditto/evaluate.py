@@ -158,7 +158,9 @@ def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     torch.manual_seed(sampling["seed"])  # each condition samples the same whichever others run with it
-    n, max_new, temperature, top_p = (sampling[k] for k in ("n", "max_new_tokens", "temperature", "top_p"))
+    n, max_new, temperature, top_p, top_k = (
+        sampling[k] for k in ("n", "max_new_tokens", "temperature", "top_p", "top_k")
+    )
     if sampling["engine"] == "vllm":
         from openrlhf_ditto.backends.vllm_engine import VLLMEngine
 
@@ -172,14 +174,14 @@ def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, 
             share = gpu_memory_utilization or min(0.9, free / total - 0.02)
         engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share)
         try:
-            groups = engine.generate(ids, n, eos, max_new, temperature, top_p)
+            groups = engine.generate(ids, n, eos, max_new, temperature, top_p, top_k)
         finally:
             engine.close()
     else:
         groups = []
         for start in range(0, len(ids), batch_size):
             groups += sample_responses(
-                model, ids[start : start + batch_size], n, pad, eos, max_new, temperature, top_p
+                model, ids[start : start + batch_size], n, pad, eos, max_new, temperature, top_p, top_k
             )
         del model
         gc.collect()
@@ -288,6 +290,7 @@ def evaluate(args: SimpleNamespace) -> Path:
         max_new_tokens=r.max_new_tokens,
         temperature=r.temperature,
         top_p=r.top_p,
+        top_k=r.top_k,
         seed=args.seed,
         engine=rollout_engine(r.engine),
     )
@@ -457,7 +460,7 @@ def _report(results: dict, questions: list[str], errors: list[str]) -> str:
         "# DITTO eval",
         "",
         f"Run `{results['run']}`, held-out prompts `{results['held_out']}` ({len(questions)}), {sampling['n']} "
-        f"samples per prompt and condition (temperature {sampling['temperature']}, up to "
+        f"samples per prompt and condition (temperature {sampling['temperature']}, top-k {sampling['top_k']}, up to "
         f"{sampling['max_new_tokens']} tokens, seed {sampling['seed']}), judge `{results['judge']}`. Each "
         "comparison is judged in both orders; win rates count a split as half; [95% interval], a bootstrap over "
         "prompts.",

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.backends.sampling import sample_responses
-from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
+from openrlhf_ditto.loss import DittoActorLoss, sequence_logps, train_without_dropout
 from openrlhf_ditto.models import eos_token_ids, save_pretrained
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 from openrlhf_ditto.schedules import lr_scheduler
@@ -133,7 +133,7 @@ class LocalBackend:
         r = self.args.rollout
         if r.engine == "torch":
             return sample_responses(
-                self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p
+                self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, r.top_k
             )
         from openrlhf_ditto.backends.vllm_engine import VLLMEngine, weights_for_sync
 
@@ -148,7 +148,7 @@ class LocalBackend:
             )
         # LoRA: the adapted layers, which hold everything pi_t changed (SFT's merged adapter too); else every weight
         weights = weights_for_sync(self.model, self.vllm.dtype)
-        return self.vllm.generate(prompts, n, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, weights)
+        return self.vllm.generate(prompts, n, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, r.top_k, weights)
 
     @torch.no_grad()
     def reference_logps(self, batches: list[SequenceBatch]) -> torch.Tensor:
@@ -170,7 +170,7 @@ class LocalBackend:
 
     def train_step(self, batch: PairBatch) -> dict[str, float]:
         start = time.perf_counter()
-        self.model.train()
+        train_without_dropout(self.model)
         B, demos = len(batch.kinds), int(batch.chosen_is_demo.sum())
         chosen, rejected = [], []
         for mb in batch.split(self.args.train.micro_batch_size):

@@ -206,6 +206,7 @@ class MultiLoraBackend(LocalBackend):
             r.max_new_tokens,
             r.temperature,
             r.top_p,
+            r.top_k,
             seeds=seeds,
             lora_requests=requests,
         )

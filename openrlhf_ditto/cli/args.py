@@ -100,6 +100,14 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rollout.temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     g.add_argument("--rollout.top_p", type=float, default=1.0, help="nucleus sampling top_p (default: 1.0)")
     g.add_argument(
+        "--rollout.top_k",
+        type=int,
+        default=50,
+        help="sample among the k likeliest tokens, -1: all (default: 50, as the official DITTO code samples: at "
+        "temperature 1 with transformers' default top-k, which Mistral's generation config keeps; the full "
+        "distribution's heavy tail makes a small model's samples easy to rank below the demos)",
+    )
+    g.add_argument(
         "--rollout.micro_batch_size",
         type=int,
         default=8,
@@ -198,7 +206,11 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ditto.label_smoothing", type=float, default=0.0, help="cDPO label smoothing (default: 0, plain DPO)"
     )
-    g.add_argument("--ditto.ipo", action="store_true", help="use the IPO loss instead of DPO")
+    g.add_argument(
+        "--ditto.ipo",
+        action="store_true",
+        help="use the IPO loss instead of DPO (on per-token mean log-probs, as TRL and the IPO paper)",
+    )
     g.add_argument(
         "--ditto.nll_coef", type=float, default=0.0, help="weight of an NLL term on the demos' tokens (default: 0)"
     )
@@ -298,6 +310,7 @@ def validate(args: SimpleNamespace) -> None:
             ("--rollout.max_new_tokens", r.max_new_tokens, ">= 1", "default: 512"),
             ("--rollout.temperature", r.temperature, "> 0", "default: 1.0"),
             ("--rollout.top_p", r.top_p, "(0, 1]", "default: 1.0"),
+            ("--rollout.top_k", r.top_k, ">= -1", "-1: off; default: 50"),
             ("--rollout.micro_batch_size", r.micro_batch_size, ">= 1", "default: 8"),
             ("--train.batch_size", t.batch_size, ">= 1", "paper: 24"),
             ("--train.micro_batch_size", t.micro_batch_size, ">= 1", "default: 8"),

@@ -160,6 +160,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rollout.temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     g.add_argument("--rollout.top_p", type=float, default=1.0, help="nucleus sampling top_p (default: 1.0)")
     g.add_argument(
+        "--rollout.top_k",
+        type=int,
+        default=50,
+        help="sample among the k likeliest tokens, -1: all (default: 50, as train and the official DITTO code)",
+    )
+    g.add_argument(
         "--rollout.batch_size", type=int, default=8, help="prompts sampled together, each N times (default: 8)"
     )
     g.add_argument(
@@ -221,6 +227,7 @@ def validate_eval(args) -> None:
             ("--rollout.max_new_tokens", r.max_new_tokens, ">= 1", "default: the run's"),
             ("--rollout.temperature", r.temperature, "> 0", "paper: 1.0"),
             ("--rollout.top_p", r.top_p, "(0, 1]", "default: 1.0"),
+            ("--rollout.top_k", r.top_k, ">= -1", "-1: off; default: 50"),
             ("--rollout.batch_size", r.batch_size, ">= 1", "default: 8"),
             ("--vllm.gpu_memory_utilization", args.vllm.gpu_memory_utilization, "(0, 1]", "default: 0.9, 0.1 on CPU"),
             ("--judge.concurrency", j.concurrency, ">= 1", "default: 8"),
