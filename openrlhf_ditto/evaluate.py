@@ -36,7 +36,7 @@ from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
 from openrlhf_ditto.judges import judge_local, judge_openai, judge_style
-from openrlhf_ditto.models import check_causal_lm, eos_token_ids
+from openrlhf_ditto.models import check_causal_lm, eos_token_ids, param_dtype
 from openrlhf_ditto.trainer import RunStopped, read_run_config
 
 BUILT_IN = ("zero-shot", "few-shot", "sft", "ditto")
@@ -145,12 +145,11 @@ def _render(
 def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, gpu_memory_utilization) -> list[dict]:
     """N sampled responses per prompt (decoded, special tokens dropped), with whether each was cut at the budget."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = param_dtype(sampling["param_dtype"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if sampling["engine"] == "torch":
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-            ).to(device)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"--conditions: cannot load the model {folder} ({e})") from e
     eos = eos_token_ids(folder, tokenizer)
@@ -162,7 +161,7 @@ def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, 
         from openrlhf_ditto.backends.vllm_engine import VLLMEngine
 
         share = gpu_memory_utilization or (0.9 if device.type == "cuda" else 0.1)
-        engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share)
+        engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share, dtype=dtype)
         groups = engine.generate(ids, n, eos, max_new, temperature, top_p)
         engine.close()
     else:
@@ -275,6 +274,7 @@ def evaluate(args: SimpleNamespace) -> Path:
         top_p=r.top_p,
         seed=args.seed,
         engine=rollout_engine(r.engine),
+        param_dtype=args.ds.param_dtype,
     )
     started = time.perf_counter()
     generations = _generations(

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_ditto.demos import load_demos, load_preference_pairs
 from openrlhf_ditto.experience import DittoExperienceMaker
-from openrlhf_ditto.models import check_causal_lm, check_lora_targets, eos_token_ids
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets, eos_token_ids, param_dtype
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
 from openrlhf_ditto.store import SampleStore, read_json
 from openrlhf_ditto.validation import SELECT, held_out_signal
@@ -477,6 +477,15 @@ def train(args: SimpleNamespace, make_backend) -> Path:
                 stop_if_not_finite(metrics, f"step {state['global_step']} (iteration {t + 1})", train_causes)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.2f}")
             bar.close()
+            eps = torch.finfo(param_dtype(args.ds.param_dtype)).eps
+            if t == 0 and metrics["logratio_rel"] < eps:  # an update this small is what rounding alone gives
+                print(
+                    f"warning: after iteration 1 the policy's log-probs differ from the reference's by "
+                    f"{metrics['logratio_rel']:.1e} of their size, no more than rounding to {args.ds.param_dtype} "
+                    f"alone gives ({eps:.1e}): the update is lost to rounding; raise --actor.adam.lr (now "
+                    f"{args.actor.adam.lr:g}; README, bf16: does the update survive?)",
+                    file=sys.stderr,
+                )
             if val:
                 validate(t + 1, args.rollout.n_samples_per_prompt)
 

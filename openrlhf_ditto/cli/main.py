@@ -11,6 +11,7 @@ from openrlhf_ditto import __version__
 from openrlhf_ditto.cli.args import (
     Parser,
     add_ditto_args,
+    add_param_dtype_arg,
     check_input_template,
     check_ranges,
     exit_codes,
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. SmolLM2-135M; README: Does DITTO beat SFT?) (default: none, the paper's settings for 7B)",
     )
     add_ditto_args(train)
+    add_param_dtype_arg(train.add_argument_group("precision"))
     g = train.add_argument_group("rollout engine: what samples from the policy, in this process")
     g.add_argument(
         "--rollout.engine",
@@ -199,6 +201,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="openai: retries of a failed request, 1, 2, 4... s apart (default: 4)",
     )
     g.add_argument("--judge.batch_size", type=int, default=8, help="local: judgments per forward (default: 8)")
+    add_param_dtype_arg(parser.add_argument_group("precision of the conditions' models"))
 
 
 def validate_eval(args) -> None:
@@ -255,6 +258,7 @@ def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="longest query in tokens; longer ones are refused (default: the run's --data.max_len, else 2048)",
     )
+    add_param_dtype_arg(g)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, as serve_rm)")
     g.add_argument("--port", type=int, default=5000, help="port (default: 5000, as serve_rm)")
