@@ -38,7 +38,7 @@ def param_dtype(choice: str | None):
 
     if choice is None:
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]  # fp16: the Ray backend
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
 
 
 def check_causal_lm(path: str | os.PathLike, flag: str) -> None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from openrlhf_ditto.demos import load_demos, load_preference_pairs
 from openrlhf_ditto.experience import DittoExperienceMaker
-from openrlhf_ditto.models import check_causal_lm, check_lora_targets, eos_token_ids, param_dtype
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets, eos_token_ids
 from openrlhf_ditto.pairs import PairBatch, PairSampler, SequenceBatch, collate
 from openrlhf_ditto.store import SampleStore, read_json
 from openrlhf_ditto.validation import SELECT, held_out_signal
@@ -477,13 +477,16 @@ def train(args: SimpleNamespace, make_backend) -> Path:
                 stop_if_not_finite(metrics, f"step {state['global_step']} (iteration {t + 1})", train_causes)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.2f}")
             bar.close()
-            eps = torch.finfo(param_dtype(args.ds.param_dtype)).eps
-            if t == 0 and metrics["logratio_rel"] < eps:  # an update this small is what rounding alone gives
+            # |log pi - log pi_ref| after one update (step 2) and at iteration 1's end: an update that survives the
+            # dtype's rounding grows with every step, rounding noise stays where it was (README, bf16: does the
+            # update survive?)
+            shifts = [m["logratio_abs"] for m in logger.history if m["prefix"] == "train"]
+            if t == 0 and resume_from is None and len(shifts) >= 3 and shifts[-1] < 2 * shifts[1]:
                 print(
                     f"warning: after iteration 1 the policy's log-probs differ from the reference's by "
-                    f"{metrics['logratio_rel']:.1e} of their size, no more than rounding to {args.ds.param_dtype} "
-                    f"alone gives ({eps:.1e}): the update is lost to rounding; raise --actor.adam.lr (now "
-                    f"{args.actor.adam.lr:g}; README, bf16: does the update survive?)",
+                    f"{shifts[-1]:.2g} nats a sequence, about as much as after one step ({shifts[1]:.2g}): the "
+                    f"update is lost to rounding; raise --actor.adam.lr (now {args.actor.adam.lr:g}; README, bf16: "
+                    "does the update survive?)",
                     file=sys.stderr,
                 )
             if val:
