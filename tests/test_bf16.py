@@ -78,6 +78,7 @@ def survival(model_path, store, tmp_path, lr: str) -> dict[str, float]:
     from openrlhf_ditto.backends.vllm_engine import VLLMEngine
 
     fp32 = LocalBackend(model_path, backend_args(model_path, "fp32", "--actor.adam.lr", lr))
+    torch.manual_seed(0)  # the fresh adapter's A: the same in both runs, as the trainer seeds it
     fp32.freeze_reference(None)
     train(fp32, store)
     d32 = logratio(fp32, store)
@@ -87,6 +88,7 @@ def survival(model_path, store, tmp_path, lr: str) -> dict[str, float]:
                         "--data.max_len", "64")  # fmt: skip
     bf16 = LocalBackend(model_path, args)
     assert bf16.model.base_model.model.lm_head.weight.dtype == torch.bfloat16
+    torch.manual_seed(0)
     bf16.freeze_reference(tmp_path / "reference")
     prompts, responses = rows(store)
     bf16.generate(prompts[:1], 1)  # builds the engine at pi_0
@@ -169,3 +171,18 @@ def test_warns_once_when_the_update_is_lost_to_rounding(tiny_model_path, tmp_pat
     err = capsys.readouterr().err
     print(f"lr {lr}: logratio_abs per step {[f'{s:.2g}' for s in shifts]}")
     assert err.count("update is lost to rounding; raise --actor.adam.lr") == warned, err
+
+
+def test_serve_reward_and_eval_run_in_bf16(tiny_model_path, one_thread):
+    """--ds.param_dtype reaches serve-reward's models and eval's sampler: both run in bf16 on a CPU."""
+    from openrlhf_ditto.cli.main import build_parser
+    from openrlhf_ditto.evaluate import _generate
+    from openrlhf_ditto.reward import DittoReward
+
+    served = hierarchize(build_parser().parse_args(["serve-reward", "--ds.param_dtype", "bf16"]))
+    reward = DittoReward(tiny_model_path, tiny_model_path, beta=0.1, dtype=served.ds.param_dtype)
+    assert reward.policy.dtype == torch.bfloat16 and reward.reference.dtype == torch.bfloat16
+    assert reward(reward.tokenize(["Errors should never pass silently."], ["Errors"])) == [0.0]  # pi is pi_ref
+    sampling = dict(n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0, engine="torch", param_dtype="bf16")
+    generations = _generate(str(tiny_model_path), ["Beautiful is"], sampling, 1, None)
+    assert len(generations[0]["samples"]) == 2
