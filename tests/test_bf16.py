@@ -118,14 +118,14 @@ def test_update_at_the_recipes_lr_reaches_policy_vllm_and_final(tiny_model_path,
     args = backend_args(tiny_model_path, "bf16")
     assert args.ds.lora.rank > 0 and args.actor.adam.lr == 3e-5  # the LoRA default, as the recipes give it
     shares = survival(tiny_model_path, store, tmp_path, "3e-5")
-    assert all(s > 0.5 for s in shares.values()), shares
+    assert all(s > 0.9 for s in shares.values()), shares  # seen: 1.01, 0.99, 1.00
 
 
 @pytest.mark.slow
 def test_lr_whose_update_rounds_away(tiny_model_path, store, tmp_path, one_thread):
-    """The paper's 1e-6 with LoRA: the measurement above sees it lost (here, in the merged weights at least)."""
+    """The paper's 1e-6 with LoRA: the measurement above sees it lost in all three places."""
     shares = survival(tiny_model_path, store, tmp_path, "1e-6")
-    assert min(shares.values()) < 0.5, shares
+    assert all(s < 0.5 for s in shares.values()), shares  # seen: 0.13, -0.15, 0.12
 
 
 def test_full_parameter_bf16_step_moves_the_weights_an_fp32_step_moves(tiny_model_path, store, one_thread):
