@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from openrlhf_ditto.backends.local import LocalBackend
-from openrlhf_ditto.cli.args import hierarchize, validate
+from openrlhf_ditto.cli.args import hierarchize
 from openrlhf_ditto.cli.main import build_parser
 from openrlhf_ditto.loss import sequence_logps
 from openrlhf_ditto.pairs import PairSampler, collate, collate_pairs
@@ -22,9 +22,7 @@ def backend_args(model, dtype: str, *flags: str):
     argv = ["train", "--actor.model_name_or_path", str(model), "--data.dataset", "demos.jsonl",
             "--ds.param_dtype", dtype, "--ditto.iterations", "1", "--ditto.resample_every", str(STEPS),
             "--train.batch_size", "8", *flags]  # fmt: skip
-    args = hierarchize(build_parser().parse_args(argv))
-    validate(args)  # resolves the lr default
-    return args
+    return hierarchize(build_parser().parse_args(argv))
 
 
 @pytest.fixture(scope="module")

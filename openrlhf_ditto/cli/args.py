@@ -115,8 +115,8 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
         "--actor.adam.lr",
         type=float,
         default=None,
-        help="DITTO learning rate (default: 3e-5 with LoRA, 1e-6 full-parameter; the paper's 1e-6 with LoRA rounds "
-        "away in bf16: README, bf16: does the update survive?)",
+        help="DITTO learning rate (default: 3e-5 with LoRA, 1e-6 full-parameter; paper: 1e-6, which bf16 rounds away "
+        "with LoRA: README, bf16: does the update survive?)",
     )
     g.add_argument(
         "--actor.adam.betas", type=float, nargs=2, default=(0.9, 0.95), help="Adam betas (default: 0.9 0.95)"
@@ -247,7 +247,8 @@ def add_param_dtype_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def hierarchize(args: argparse.Namespace) -> SimpleNamespace:
-    """`args.actor.adam.lr` from the flat dest "actor.adam.lr", as OpenRLHF's `openrlhf.utils.config.hierarchize`."""
+    """`args.actor.adam.lr` from the flat dest "actor.adam.lr", as OpenRLHF's `openrlhf.utils.config.hierarchize`;
+    an unset --actor.adam.lr becomes 3e-5 with LoRA, 1e-6 full-parameter."""
     root: dict = {}
     for key, value in vars(args).items():
         *parents, leaf = key.split(".")
@@ -259,7 +260,12 @@ def hierarchize(args: argparse.Namespace) -> SimpleNamespace:
     def build(x):
         return SimpleNamespace(**{k: build(v) for k, v in x.items()}) if isinstance(x, dict) else x
 
-    return build(root)
+    args = build(root)
+    # the one default that depends on another flag: published LoRA practice is ~10x the full-parameter lr, and bf16
+    # rounds a LoRA update at the paper's 1e-6 away (README, bf16: does the update survive?)
+    if getattr(getattr(getattr(args, "actor", None), "adam", None), "lr", 0) is None:
+        args.actor.adam.lr = 3e-5 if args.ds.lora.rank > 0 else 1e-6
+    return args
 
 
 def check_ranges(rows: list[tuple[str, float | None, str, str]]) -> None:
@@ -300,8 +306,6 @@ def check_input_template(template: str | None) -> None:
 def validate(args: SimpleNamespace) -> None:
     """Refuse impossible settings before any work starts, naming the flag and its valid range (ValueError)."""
     a, d, r, t, lora = args.actor, args.ditto, args.rollout, args.train, args.ds.lora
-    if a.adam.lr is None:  # published LoRA practice is ~10x the full-parameter lr; bf16 rounds 1e-6 LoRA away
-        a.adam.lr = 3e-5 if lora.rank > 0 else 1e-6
     check_ranges(
         [
             ("--rollout.n_samples_per_prompt", r.n_samples_per_prompt, ">= 1", "paper: 10"),
