@@ -12,6 +12,8 @@ tokenizer's EOS where no chat template renders the prompt.
 import csv
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ def read_records(path: str | os.PathLike, what: str = "demos") -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{what}: {path} does not exist; give a JSON, JSONL, Parquet or CSV file or a folder")
     if path.is_dir():
-        records = _read_folder(path, what)
+        records = [record for rows in read_folder(path, what).values() for record in rows]
     else:
         suffix = path.suffix.lower()
         if suffix not in (".json", ".jsonl", ".csv", ".parquet"):
@@ -115,24 +117,89 @@ def _read_csv(path: Path, what: str) -> list[dict]:
     return records
 
 
-def _read_folder(path: Path, what: str) -> list[dict]:
-    import datasets
+FORMATS = {".json": "JSON", ".jsonl": "JSON", ".csv": "CSV", ".parquet": "Parquet"}  # JSON: an array or JSON Lines
+HELD_OUT = re.compile(r"(^|[-_.])(test|eval|evaluation|dev|valid|validation|held[-_]?out)([-_.]|$)", re.IGNORECASE)
+_said: set[str] = set()  # the lines `_say_once` printed: a folder is read again by each tokenizer that renders it
 
-    datasets.disable_progress_bars()
-    try:
-        if (
-            (path / "dataset_info.json").exists()
-            or (path / "state.json").exists()
-            or (path / "dataset_dict.json").exists()
-        ):
+
+def _say_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr)
+
+
+def read_folder(path: str | os.PathLike, what: str = "demos") -> dict[str, list[dict]]:
+    """The records of a folder, by file: a `datasets` folder (save_to_disk; its train split), or demo files of one
+    format (JSON and JSONL, CSV or Parquet), every one of them read. Subfolders, files of other kinds, several
+    formats and files named as held-out splits (test, eval, ...) are refused rather than left out: each would
+    otherwise go silently unread, or be trained on. Says once which files a folder contributes."""
+    path = Path(path)
+    if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        import datasets
+
+        datasets.disable_progress_bars()
+        try:
             data = datasets.load_from_disk(str(path))
-        else:
-            data = datasets.load_dataset(str(path), split="train")
-    except Exception as e:  # datasets raises many kinds; the first line says what it found
-        raise ValueError(f"{what}: cannot read the dataset folder {path} ({_one_line(e)})") from None
-    if isinstance(data, datasets.DatasetDict):
-        data = data["train"] if "train" in data else next(iter(data.values()))
-    return list(data)
+        except Exception as e:  # datasets raises many kinds; the first line says what it found
+            raise ValueError(f"{what}: cannot read the dataset folder {path} ({_one_line(e)})") from None
+        which = ""
+        if isinstance(data, datasets.DatasetDict):
+            split = "train" if "train" in data else next(iter(data))
+            which, data = f" of its {split} split (its splits: {', '.join(data)})", data[split]
+        _say_once(f"{what}: {path}, a datasets folder: {len(data)} records{which}")
+        return {path.name: list(data)}
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))  # not .DS_Store, .gitattributes
+    others = [p.name + "/" * p.is_dir() for p in entries if p.is_dir() or p.suffix.lower() not in FORMATS]
+    if others:
+        raise ValueError(
+            f"{what}: the folder {path} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, which "
+            f"{'is' if len(others) == 1 else 'are'} not read (a folder is its own {', '.join(FORMATS)} files, no "
+            "subfolder); move them out, or give one file"
+        )
+    if not entries:
+        raise ValueError(f"{what}: the folder {path} is empty; give demo files ({', '.join(FORMATS)}) or one file")
+    formats = {}
+    for p in entries:
+        formats.setdefault(FORMATS[p.suffix.lower()], []).append(p.name)
+    if len(formats) > 1:
+        kinds = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in formats.items())
+        raise ValueError(
+            f"{what}: the folder {path} mixes formats ({kinds}); keep one format in it (one may be a copy of "
+            "another), or give one file"
+        )
+    split = [p.name for p in entries if HELD_OUT.search(p.stem)]
+    if split and len(entries) > 1:
+        raise ValueError(
+            f"{what}: the folder {path} holds {', '.join(split)}, named as held-out data: every file of a folder "
+            "is read; give the training file alone (and held-out examples to `openrlhf-ditto eval` or "
+            "--ditto.val_dataset)"
+        )
+    files = {p.name: read_records(p, what) for p in entries}
+    counts = ", ".join(f"{name} {len(rows)}" for name, rows in files.items())
+    _say_once(f"{what}: {path}, a folder: {sum(map(len, files.values()))} records from {len(files)} files ({counts})")
+    return files
+
+
+def users_hint(path: str | os.PathLike, input_key: str = "prompt") -> str | None:
+    """A note when a folder's files look like one user each (several files, no prompt in two of them): as one
+    dataset, they train one model on everyone's demos."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    files = read_folder(path)
+    if len(files) < 2:
+        return None
+    seen: dict[str, str] = {}
+    for name, rows in files.items():
+        for row in rows:
+            prompt = row[input_key] if input_key in row else (row.get("messages") or [])[:-1]
+            prompt = json.dumps(prompt, sort_keys=True, default=str)
+            if seen.setdefault(prompt, name) != name:
+                return None
+    return (
+        f"note: the {len(files)} files of --data.dataset {path} share no prompt, as one user each would: they train "
+        "one model on all their demos; for a model per user (each file's stem its id) add --data.users"
+    )
 
 
 def load_demos(

@@ -36,7 +36,7 @@ from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
 from openrlhf_ditto.judges import judge_local, judge_openai, judge_style
-from openrlhf_ditto.models import check_causal_lm, eos_token_ids, param_dtype
+from openrlhf_ditto.models import check_causal_lm, check_weights, eos_token_ids, param_dtype
 from openrlhf_ditto.trainer import RunStopped, read_run_config
 
 BUILT_IN = ("zero-shot", "few-shot", "sft", "ditto")
@@ -68,6 +68,7 @@ def conditions(entries: list[str] | None, run: Path, base: str) -> dict[str, str
             check_causal_lm(folder, f"--conditions {name}:")
         if name in models:
             raise ValueError(f"--conditions: {name} is given twice")
+        check_weights(folder, f"--conditions {name}:")
         models[name] = folder
     if len(models) < 2:
         raise ValueError(f"--conditions: {' '.join(entries)} is one condition; give at least two to compare")
@@ -160,10 +161,19 @@ def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, 
     if sampling["engine"] == "vllm":
         from openrlhf_ditto.backends.vllm_engine import VLLMEngine
 
-        share = gpu_memory_utilization or (0.9 if device.type == "cuda" else 0.1)
+        share = gpu_memory_utilization or 0.1
+        if device.type == "cuda":
+            # vLLM refuses to start when its share exceeds what is free: whatever the previous condition's engine or
+            # this process left cached is given back first, and the default share is at most what is free
+            gc.collect()
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info()
+            share = gpu_memory_utilization or min(0.9, free / total - 0.02)
         engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share, dtype=dtype)
-        groups = engine.generate(ids, n, eos, max_new, temperature, top_p)
-        engine.close()
+        try:
+            groups = engine.generate(ids, n, eos, max_new, temperature, top_p)
+        finally:
+            engine.close()
     else:
         groups = []
         for start in range(0, len(ids), batch_size):
@@ -215,6 +225,7 @@ def _judge_settings(args: SimpleNamespace) -> tuple[str, str | None]:
                 f"--judge local needs --judge.model: a local Hugging Face chat model folder (got {j.model})"
             )
         check_causal_lm(j.model, "--judge.model")
+        check_weights(j.model, "--judge.model")
         return f"local {Path(j.model).resolve()}", None
     j.model, j.url = j.model or "gpt-4o", (j.url or OPENAI_URL).rstrip("/")
     key = os.environ.get("OPENAI_API_KEY")

@@ -60,24 +60,79 @@ def check_causal_lm(path: str | os.PathLike, flag: str) -> None:
         )
 
 
+def check_weights(path: str | os.PathLike, flag: str) -> None:
+    """Refuse a model or adapter folder whose weights files are damaged (cut short by an interrupted download or
+    copy, a header that is not a safetensors header, a shard its index names missing), naming the file: the loaders
+    fail deep inside with "incomplete metadata" or a zip error. Reads each file's header only, not its weights."""
+    import json
+    import struct
+    import zipfile
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{flag} {index}: not a readable weights index ({type(e).__name__}: {e})") from None
+        for shard in sorted(shards):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"{flag} {folder / shard}: a weights file that {index.name} names is missing")
+    again = "the file is cut short or damaged (an interrupted download or copy): download or copy it again"
+    for file in files:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                header = None
+        if header is None:
+            raise ValueError(f"{flag} {file}: its safetensors header is unreadable; {again}")
+        if size != 8 + n + end:
+            raise ValueError(f"{flag} {file}: {size} bytes where its header describes {8 + n + end}; {again}")
+    for file in sorted(folder.glob("*.bin")):
+        with open(file, "rb") as f:
+            zipped = f.read(2) == b"PK"  # torch.save's zip format, whose directory is at the end of the file
+        try:
+            if zipped:
+                zipfile.ZipFile(file).close()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{flag} {file}: not a readable PyTorch weights file ({e}); {again}") from None
+
+
 def check_lora_targets(path: str | os.PathLike, targets: list[str]) -> None:
-    """Refuse --ds.lora.target_modules that name no module of the model, from its config alone (an empty model on
-    the meta device): peft would say so only once the weights are loaded, on the Ray backend in every actor."""
+    """Refuse --ds.lora.target_modules that name no module of the model, or a module that is not a linear layer
+    (torch's Linear, or transformers' Conv1D, GPT-2's), from its config alone (an empty model on the meta device):
+    peft would say so only once the weights are loaded, on the Ray backend in every actor. peft adapts embeddings
+    and convolutions too, but DITTO's combined SFT + DITTO adapter and its vLLM weight sync handle linear layers
+    only."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     try:
         with torch.device("meta"):
             modules = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).named_modules())
     except (OSError, ValueError):  # the loader says what is wrong
         return
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+    linear_types = (torch.nn.Linear, Conv1D)
+    linear = sorted({n.rpartition(".")[2] for n, m in modules.items() if isinstance(m, linear_types)})
+    layers = f"whose linear layers are {' '.join(linear)} (paper: q_proj k_proj v_proj o_proj)"
+    flag = f"--ds.lora.target_modules {' '.join(targets) or '(none)'}"
+    matched = {t: [m for n, m in modules.items() if n == t or n.endswith("." + t)] for t in targets}
+    missing = [t for t, found in matched.items() if not found]
     if missing or not targets:
-        linear = sorted({n.rpartition(".")[2] for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
+        what = "no module " + ", ".join(missing) if missing else "give at least one module"
+        raise ValueError(f"{flag}: {what} in {path}, {layers}")
+    other = {t: type(m).__name__ for t, found in matched.items() for m in found if not isinstance(m, linear_types)}
+    if other:
         raise ValueError(
-            f"--ds.lora.target_modules {' '.join(targets) or '(none)'}: "
-            f"{'no module ' + ', '.join(missing) if missing else 'give at least one module'} in {path}, whose linear "
-            f"layers are {' '.join(linear)} (paper: q_proj k_proj v_proj o_proj)"
+            f"{flag}: not a linear layer: {', '.join(f'{t} ({kind})' for t, kind in other.items())}; DITTO adapts "
+            "linear layers only (its combined SFT + DITTO adapter and the vLLM weight sync handle no other kind), "
+            f"leave it out. {path} is a model {layers}"
         )
 
 

@@ -14,6 +14,7 @@ queries of concurrent requests are gathered (up to --batch_size, --batch_wait_ms
 import asyncio
 import json
 import logging
+import math
 import socket
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.loss import sequence_logps
-from openrlhf_ditto.models import check_causal_lm, param_dtype
+from openrlhf_ditto.models import check_causal_lm, check_weights, param_dtype
 from openrlhf_ditto.pairs import collate
 from openrlhf_ditto.trainer import read_run_config
 
@@ -113,6 +114,8 @@ class DittoReward:
         own. Either way the ids must decode back to the query, or the query is refused: a reward is never
         computed on tokens other than the rollout's."""
         tokenizer = self.tokenizer
+        if not queries:  # the tokenizer raises IndexError on an empty list
+            return []
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         items = []
         for i, (query, prompt, p) in enumerate(zip(queries, prompts, prompt_ids)):
@@ -196,13 +199,17 @@ def load_reward(args: SimpleNamespace) -> DittoReward:
         max_len = max_len or config["data"]["max_len"]
         adapter = run / "final" / "adapter"
         policy, reference = (adapter if adapter.is_dir() else run / "final"), run / "reference"
+        flags = (f"--run {run}:",) * 2
     else:
         if not (args.policy and args.reference and args.beta is not None):
             raise ValueError("give --run RUN_DIR, or all of --policy, --reference and --beta")
         policy, reference, beta = args.policy, args.reference, args.beta
+        flags = ("--policy", "--reference")
         check_causal_lm(reference, "--reference")
         if not (Path(policy) / "adapter_config.json").exists():
             check_causal_lm(policy, "--policy")
+    for flag, folder in zip(flags, (policy, reference)):
+        check_weights(folder, flag)
     return DittoReward(
         policy,
         reference,
@@ -228,6 +235,11 @@ def _parse(data) -> tuple[list[str], list[str], list]:
     for key, value in (("query", queries), ("prompts", prompts)):
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise ValueError(f"'{key}' must be a list of strings, got {json.dumps(value)[:200]}")
+        for i, x in enumerate(value):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800": the tokenizer would raise a TypeError
+                raise ValueError(f"{key}[{i}] is not valid Unicode text ({e.reason} at character {e.start})") from None
     labels = data.get("labels", [""] * len(queries))
     if not isinstance(labels, list) or not len(queries) == len(prompts) == len(labels):
         raise ValueError(
@@ -278,6 +290,8 @@ def build_app(
 
     async def mixed_rewards(url: str, payload: dict) -> list[float]:
         n = len(payload["query"])
+        if n == 0:  # nothing to ask
+            return []
         try:
             async with app.state.session.post(url, json=payload) as answer:
                 text = await answer.text()
@@ -342,6 +356,15 @@ def build_app(
         for i, ((_, weight), other) in enumerate(zip(mix, others)):
             rewards = [r + weight * o for r, o in zip(rewards, other)]
             extra_logs[f"mix{i}_reward"] = other
+        bad = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+        if bad:  # answered 200 with a bare NaN (not JSON), which Python clients read and train on
+            message = (
+                f"the reward of query {bad[0]} is {rewards[bad[0]]} ({len(bad)} of {len(rewards)} not finite): the "
+                "policy, its reference or a --mix server gives NaN or inf (broken weights, an overflow in half "
+                "precision)"
+            )
+            logger.error("%s", message)
+            raise HTTPException(500, message)
         return {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs}
 
     return app

@@ -9,10 +9,13 @@
     save the final policy as a Hugging Face folder
 
 Run folder (--ckpt.output_dir): reference/ (pi_0), store/ (demos and samples, append-only),
-checkpoints/iter_XXXXX/ (written atomically; `latest` names the newest), final/ (the model), logs/ (TensorBoard).
+checkpoints/iter_XXXXX/ (written atomically; `latest` names the newest), final/ (the model), logs/ (TensorBoard),
+inputs.json (the demos' fingerprints: --resume refuses changed demos), .lock (held by the process that trains it).
 """
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -121,8 +124,37 @@ def run_config(args: SimpleNamespace) -> dict:
     return plain(args)
 
 
+def lock_holder(folder: Path) -> str | None:
+    """Who trains the run folder `folder` now (the process that holds its .lock), or None. The kernel drops a
+    flock when its process dies, so a killed run never leaves a stale lock."""
+    lock = folder / ".lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return lock.read_text().strip() or "another process"
+    finally:
+        os.close(fd)
+
+
+def check_not_live(run: Path) -> None:
+    """Refuse to read a run folder (or a many-users job's users/<id>) while a live process trains it."""
+    for folder in (run, run.parent.parent) if run.parent.name == "users" else (run,):
+        if holder := lock_holder(folder):
+            raise RunFolderError(
+                f"{folder} is being trained by {holder}: its final/ and checkpoints may change under this command; "
+                "wait for the run to end (or stop it), or give a copy of the folder"
+            )
+
+
 def read_run_config(run: Path) -> dict:
-    """The run_config.json of the run folder `run`, refused naming the file if it is broken."""
+    """The run_config.json of the run folder `run`, refused naming the file if it is broken or if a live process
+    is training the run (eval, serve-reward and export-pairs read it first)."""
+    check_not_live(run)
     file = run / "run_config.json"
     config = read_json(file)
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("actor", "data", "ditto")):
@@ -183,6 +215,11 @@ def check_run_folder(args: SimpleNamespace) -> Path | None:
     resume from (or None)."""
     out = Path(args.ckpt.output_dir)
     config_file = out / "run_config.json"
+    if holder := lock_holder(out):
+        raise RunFolderError(
+            f"{out} is in use by {holder}: two processes writing one run folder would mix their runs; wait for it "
+            "to end (or stop it), or choose another --ckpt.output_dir"
+        )
     for flag, folder in (("--ckpt.output_dir", out), ("--logger.tensorboard_dir", args.logger.tensorboard_dir)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise RunFolderError(f"{flag} {folder} is a file; give a folder")
@@ -208,7 +245,8 @@ def check_run_folder(args: SimpleNamespace) -> Path | None:
                     f"--overwrite would delete {flag} {path}, which lies in --ckpt.output_dir {out}; copy it out "
                     "first, or choose another --ckpt.output_dir"
                 )
-    elif out.exists() and any(out.iterdir()):  # --overwrite deletes a DITTO run, never a folder of other files
+    # --overwrite deletes a DITTO run, never a folder of other files (a .lock alone is a start that claimed nothing)
+    elif out.exists() and any(f.name != ".lock" for f in out.iterdir()):
         raise RunFolderError(f"{out} is not empty and holds no DITTO run; choose an empty --ckpt.output_dir")
     elif args.resume:
         print(f"{out} holds no run to resume: starting a new one")
@@ -216,8 +254,10 @@ def check_run_folder(args: SimpleNamespace) -> Path | None:
     return out / "checkpoints" / latest.read_text().strip() if args.resume and latest.exists() else None
 
 
-def claim_run_folder(args: SimpleNamespace) -> None:
-    """Make --ckpt.output_dir this run's (--overwrite deletes what it held): only once everything checked out."""
+def claim_run_folder(args: SimpleNamespace, inputs: dict | None = None):
+    """Make --ckpt.output_dir this run's (--overwrite deletes what it held), only once everything checked out, and
+    hold its lock: returns the open lock file, which the caller closes when the run ends. `inputs`
+    (`input_fingerprints`) is written to inputs.json for --resume to compare."""
     out, tensorboard = Path(args.ckpt.output_dir), args.logger.tensorboard_dir
     try:  # first: a folder it cannot write stops the start before the run folder is touched
         if tensorboard:
@@ -228,9 +268,55 @@ def claim_run_folder(args: SimpleNamespace) -> None:
         if args.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process claimed it since check_run_folder
+            lock.close()
+            raise RunFolderError(
+                f"{out} is in use by {lock_holder(out)}; wait for it to end, or choose another --ckpt.output_dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"process {os.getpid()} ({' '.join(sys.argv) or 'python'})")
+        lock.flush()
         (out / "run_config.json").write_text(json.dumps(run_config(args), indent=1))
+        if inputs is not None:
+            (out / "inputs.json").write_text(json.dumps(inputs))
     except OSError as e:
         raise RunFolderError(f"cannot write the run folder --ckpt.output_dir {out}: {e}") from None
+    return lock
+
+
+def input_fingerprints(store: SampleStore) -> dict[str, list[str]]:
+    """A short hash per demo and per external pair, as tokenized (so a changed template counts as a change)."""
+
+    def digest(*ids: torch.Tensor) -> str:
+        return hashlib.sha256(json.dumps([x.tolist() for x in ids]).encode()).hexdigest()[:16]
+
+    return {
+        "demos": [digest(store.prompt_of(d), d.ids) for d in store.demos],
+        "extra_pairs": [digest(store.prompt_of(c), c.ids, r.ids) for c, r in store.external],
+    }
+
+
+def check_inputs_unchanged(args: SimpleNamespace, inputs: dict[str, list[str]]) -> None:
+    """--resume continues on the data the run started with: refuse it, naming the records, when they changed."""
+    file = Path(args.ckpt.output_dir) / "inputs.json"
+    if not (args.resume and file.exists()):
+        return
+    saved = read_json(file)
+    for key, flag in (("demos", "--data.dataset"), ("extra_pairs", "--ditto.extra_pairs")):
+        old, new = saved.get(key, []), inputs[key]
+        changed = [str(i) for i, (a, b) in enumerate(zip(old, new)) if a != b]
+        what = [f"records {', '.join(changed[:10])} changed"] if changed else []
+        what += [f"{len(new) - len(old)} added"] if len(new) > len(old) else []
+        what += [f"{len(old) - len(new)} removed"] if len(new) < len(old) else []
+        if what:
+            raise RunFolderError(
+                f"{flag} changed since this run started ({'; '.join(what)}, counted from 0 in file order): --resume "
+                "continues on the data the run started with. Train on the new data in a new run (another "
+                "--ckpt.output_dir, or --overwrite), or with many users (--data.users) in a new round"
+            )
 
 
 def _rendering(args: SimpleNamespace) -> dict:
@@ -400,11 +486,13 @@ def train(args: SimpleNamespace, make_backend) -> Path:
     tokenizer = load_tokenizer(args)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     store = demos_and_store(args, tokenizer)
+    inputs = input_fingerprints(store)
+    check_inputs_unchanged(args, inputs)
     reference = out / "reference"
     from_reference = args.resume and reference.exists()  # pi_0 of the run being continued: no SFT again
     torch.manual_seed(args.train.seed)  # the SFT adapter's initialisation
     backend = make_backend(reference if from_reference else args.actor.model_name_or_path)
-    claim_run_folder(args)
+    lock = claim_run_folder(args, inputs)
 
     logger = Logger(args, out / "logs")
     state = {"iteration": 0, "global_step": 0}
@@ -527,5 +615,6 @@ def train(args: SimpleNamespace, make_backend) -> Path:
         raise RunStopped(f"{reason}. Nothing after the last checkpoint was kept: {resume_hint(out)}", code) from None
     finally:
         logger.close()
+        lock.close()
         if main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)

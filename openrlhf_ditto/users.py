@@ -104,18 +104,26 @@ def load_users(args: SimpleNamespace, tokenizer) -> dict[str, tuple[list[dict], 
                 f"--data.users: --data.dataset {path} is not a folder; give a folder of demo files, one per user (the "
                 "file's stem is the user's id), or one dataset with a user column and --data.user_key"
             )
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in DEMO_FILES)
-        if not files:
+        files = sorted(f for f in path.iterdir() if not f.name.startswith("."))  # not .DS_Store and the like
+        if not any(f.suffix.lower() in DEMO_FILES for f in files):
             raise ValueError(f"--data.users: {path} holds no demo file ({', '.join(DEMO_FILES)}); one per user")
-        broken = []
+        broken = []  # every unusable file in one pass, so that one fix-up makes the folder right
         for file in files:
-            if file.stem in users:
+            if file.is_dir() or file.suffix.lower() not in DEMO_FILES:
+                folder = "; a user is one file, not a folder" if file.is_dir() else ""
+                broken.append(f"{file}: not a demo file ({', '.join(DEMO_FILES)}){folder}")
+            elif not USER_ID.fullmatch(file.stem):
+                broken.append(
+                    f"{file}: user id {file.stem!r} is not letters, digits, _ and - only (it names a folder and "
+                    "adapters); rename the file"
+                )
+            elif file.stem in users:
                 broken.append(f"{file}: a second file for user {file.stem!r}")
-                continue
-            try:
-                users[file.stem] = (read_records(file), load_demos(file, tokenizer, **rendering))
-            except (FileNotFoundError, ValueError) as e:
-                broken.append(str(e))
+            else:
+                try:
+                    users[file.stem] = (read_records(file), load_demos(file, tokenizer, **rendering))
+                except (FileNotFoundError, ValueError) as e:
+                    broken.append(str(e))
         if broken:
             raise ValueError(
                 f"{len(broken)} of the {len(files)} user files in {path} cannot be used; fix them, or move them out "
@@ -361,7 +369,7 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
         _summary(out, args, status)
         return out
     backend = make_backend(args.actor.model_name_or_path)
-    claim_run_folder(args)
+    lock = claim_run_folder(args)
 
     logger = Logger(args, out / "logs")
     stopped: dict[str, str] = {}
@@ -435,6 +443,7 @@ def train_users(args: SimpleNamespace, make_backend) -> Path:
         ) from None
     finally:
         logger.close()
+        lock.close()
         if main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
     _summary(out, args, status)

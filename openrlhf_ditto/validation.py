@@ -44,7 +44,9 @@ def held_out_signal(
     signal = {"demo_logp_per_token": (policy_demo / lengths).mean().item()}
     if n == 0:
         return {**signal, "margin": 0.0}
-    with torch.random.fork_rng():
+    # CUDA's RNG too only where this process already uses CUDA: forking it initialises CUDA (in the Ray driver, a
+    # context on a GPU the roles need)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
         torch.manual_seed(seed)
         samples = backend.generate(prompts, n)
     sample_rows = [(p, torch.tensor(s, dtype=torch.long)) for p, group in zip(prompts, samples) for s in group]

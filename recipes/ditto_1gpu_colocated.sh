@@ -5,7 +5,10 @@
 # DRY_RUN=1 skips stage 1 and only checks stage 2; extra arguments go to the DITTO command.
 set -euo pipefail
 
-MODEL=${MODEL:-Qwen/Qwen2.5-1.5B-Instruct}  # fits three times on one 24-80 GB GPU (a folder, or a Hub id)
+# Memory (README: Memory; DRY_RUN=1 prints the plan): the default model needs a 40 GB GPU or larger (on 80 GB its
+# peak is ~46 GB, vLLM's half while it samples; OpenRLHF's fp32 logits of 4 pairs x 2048 tokens alone take 25 GB
+# while it trains); on a 24 GB GPU add --train.micro_batch_size 1 (~18 GB). Mistral-7B with LoRA needs 80 GB.
+MODEL=${MODEL:-Qwen/Qwen2.5-1.5B-Instruct}  # a folder, or a Hub id
 DEMOS=${DEMOS:-demos.jsonl}  # fewer than 10 demos, one {"prompt", "response"} JSON object a line
 RUN=${RUN:-runs/ditto_1gpu}
 PYTHON=${PYTHON:-python}

@@ -71,6 +71,68 @@ def test_every_format_loads_and_tokenizes(tokenizer, tmp_path, fmt):
         assert demo.truncated is False
 
 
+def jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_a_folder_reads_every_file_or_refuses_what_it_would_drop(tokenizer, tmp_path, capsys):
+    """`datasets.load_dataset(folder)` kept the most common format and read subfolders: a.jsonl plus sub/c.jsonl
+    (duplicates), b.csv and notes.txt dropped without a word."""
+    folder = tmp_path / "demos"
+    jsonl(folder / "a.jsonl", RECORDS)
+    jsonl(folder / "sub" / "c.jsonl", RECORDS)
+    write(folder, "csv", RECORDS)
+    (folder / "notes.txt").write_text("to do")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(ValueError) as e:
+        load_demos(folder, tokenizer)
+    assert str(e.value) == (
+        f"demos: the folder {folder} holds notes.txt, sub/, which are not read (a folder is its own .json, .jsonl, "
+        ".csv, .parquet files, no subfolder); move them out, or give one file"
+    )
+    (folder / "notes.txt").unlink()
+    (folder / "sub" / "c.jsonl").rename(tmp_path / "c.jsonl")
+    (folder / "sub").rmdir()
+    with pytest.raises(ValueError) as e:
+        load_demos(folder, tokenizer)
+    assert f"demos: the folder {folder} mixes formats (JSON: a.jsonl; CSV: demos.csv); keep one format" in str(e.value)
+    (folder / "demos.csv").unlink()
+    write(folder, "json", RECORDS[:2])
+    capsys.readouterr()
+    assert [d.response for d in load_demos(folder, tokenizer)] == [r["response"] for r in RECORDS + RECORDS[:2]]
+    assert capsys.readouterr().err == f"demos: {folder}, a folder: 5 records from 2 files (a.jsonl 3, demos.json 2)\n"
+    jsonl(folder / "test.jsonl", RECORDS)  # as datasets names a split
+    with pytest.raises(ValueError) as e:
+        load_demos(folder, tokenizer)
+    assert f"the folder {folder} holds test.jsonl, named as held-out data: every file of a folder is read" in str(
+        e.value
+    )
+
+
+def test_a_folder_of_one_user_per_file_asks_whether_data_users_was_meant(tiny_model_path, tmp_path, capsys):
+    from openrlhf_ditto.cli.main import main
+    from openrlhf_ditto.demos import users_hint
+
+    folder = tmp_path / "users"
+    jsonl(folder / "alice.jsonl", RECORDS[:2])
+    jsonl(folder / "bob.jsonl", RECORDS[2:])
+    note = (
+        f"note: the 2 files of --data.dataset {folder} share no prompt, as one user each would: they train one model "
+        "on all their demos; for a model per user (each file's stem its id) add --data.users"
+    )
+    assert users_hint(folder) == note
+    argv = ["train", "--actor.model_name_or_path", str(tmp_path / "no-model"), "--data.dataset", str(folder)]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert note in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--data.users"])
+    assert "note:" not in capsys.readouterr().err
+    jsonl(folder / "bob.jsonl", RECORDS[1:])  # a prompt in both: one dataset in parts
+    assert users_hint(folder) is None
+
+
 def test_other_keys(tokenizer, tmp_path):
     records = [{"question": r["prompt"], "answer": r["response"], "extra": 1} for r in RECORDS]
     demos = load_demos(write(tmp_path, "jsonl", records), tokenizer, input_key="question", output_key="answer")

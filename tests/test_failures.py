@@ -710,6 +710,78 @@ def test_lora_targets_that_name_no_module_are_refused_before_anything_starts(
     assert not out.exists()
 
 
+def test_lora_targets_gpt2_conv1d_and_non_linear_layers(tiny_model_path, tmp_path):
+    """GPT-2's attention and MLP layers are transformers' Conv1D: the listing skipped them ("whose linear layers are
+    lm_head"). An embedding passed the check, then was concatenated on the wrong axis in the combined adapter."""
+    from transformers import GPT2Config
+
+    from openrlhf_ditto.models import check_lora_targets
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
+    with pytest.raises(ValueError) as e:
+        check_lora_targets(gpt2, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert "whose linear layers are c_attn c_fc c_proj lm_head" in str(e.value)
+    check_lora_targets(gpt2, ["c_attn", "c_proj"])
+    for model, target, kind in ((tiny_model_path, "embed_tokens", "Embedding"), (gpt2, "wte", "Embedding")):
+        with pytest.raises(ValueError) as e:
+            check_lora_targets(model, ["q_proj" if model == tiny_model_path else "c_attn", target])
+        assert f": not a linear layer: {target} ({kind}); DITTO adapts linear layers only" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def damaged_model(tiny_model_path, tmp_path_factory):
+    """The tiny model with its model.safetensors cut to half its size (an interrupted download or copy)."""
+    folder = tmp_path_factory.mktemp("damaged") / "model"
+    shutil.copytree(tiny_model_path, folder)
+    weights = folder / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return folder
+
+
+def test_a_damaged_weights_file_is_one_line_in_every_command_that_loads_a_model(
+    damaged_model, tiny_model_path, demos_file, tmp_path, capsys, monkeypatch
+):
+    """It was a SafetensorError traceback ("incomplete metadata") in train and eval, "dry run ok" in the dry run."""
+    from openrlhf_ditto.cli.train_ditto_ray import main as ray_main
+    from openrlhf_ditto.trainer import run_config
+
+    weights = damaged_model / "model.safetensors"
+    size = weights.stat().st_size
+    original = (tiny_model_path / "model.safetensors").stat().st_size
+    damage = f"{weights}: {size} bytes where its header describes {original}"
+    out = tmp_path / "run"
+    assert refused(main, cli_args(damaged_model, demos_file, out), capsys).startswith(
+        f"--actor.model_name_or_path {damage}; the file is cut short or damaged"
+    )
+    ray = ["--actor.model_name_or_path", str(damaged_model), "--data.dataset", str(demos_file), "--dry_run"]
+    ray += ["--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "1"]
+    assert refused(ray_main, [*ray, "--ckpt.output_dir", str(out)], capsys).startswith(
+        f"--actor.model_name_or_path {damage}"
+    )
+    assert not out.exists()
+    resumed = tmp_path / "resumed"  # a run whose pi_0 (reference/) was damaged since
+    shutil.copytree(damaged_model, resumed / "reference")
+    assert refused(main, cli_args(tiny_model_path, demos_file, resumed, "--resume"), capsys).startswith(
+        f"--resume: the run's pi_0 {resumed / 'reference' / 'model.safetensors'}: {size} bytes where"
+    )
+    monkeypatch.setattr("openrlhf_ditto.models.smollm2_path", lambda: damaged_model)
+    assert refused(main, ["quickstart", "--output_dir", str(out)], capsys).startswith(
+        f"--actor.model_name_or_path {damage}"
+    )
+    assert not out.exists()
+    serve = ["serve-reward", "--policy", str(damaged_model), "--reference", str(tiny_model_path), "--beta", "1"]
+    assert refused(main, serve, capsys).startswith(f"--policy {damage}")
+    run = tmp_path / "finished"  # a run folder as eval reads it: its flags
+    run.mkdir()
+    flags = hierarchize(build_parser().parse_args(cli_args(tiny_model_path, demos_file, run)))
+    (run / "run_config.json").write_text(json.dumps(run_config(flags)))
+    evaluate = ["eval", "--run", str(run), "--data.dataset", str(demos_file), "--judge", "style"]
+    evaluate += ["--conditions", "zero-shot", f"cut={damaged_model}"]
+    assert refused(main, evaluate, capsys).startswith(f"--conditions cut: {damage}")
+    assert not (run / "eval").exists()
+
+
 def test_a_model_without_a_language_model_head_is_refused(reward_model, demos_file, tmp_path, capsys):
     """It used to load with a new, random head (a table of "MISSING" weights) and train on noise."""
     from openrlhf_ditto.cli.train_ditto_ray import main as ray_main

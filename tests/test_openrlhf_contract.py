@@ -2,9 +2,11 @@
 upgrade that changes it fails here, saying what changed and which part of openrlhf_ditto/backends/openrlhf.py
 depends on it. The classes are the real installed ones; nothing here needs a GPU."""
 
+import argparse
 import inspect
 import os
 import re
+import types
 
 os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")  # flash-attn without CUDA kernels (CPU install)
 
@@ -189,3 +191,52 @@ def test_every_setting_openrlhf_reads_is_given(tmp_path):
     assert args.rollout.temperature == 1.0, "the roles' log-probs must be at temperature 1 (DPO), not the sampling one"
     strategy = get_strategy(args)  # builds on CPU: only setup_distributed needs CUDA
     assert strategy.stage == args.ds.zero_stage
+
+
+def test_ditto_train_step_empties_the_cuda_cache(monkeypatch):
+    """The policy's step leaves its full-vocabulary logits in PyTorch's cache; the step gives them back, as
+    OpenRLHF's PPO step does, before vLLM wakes on the same GPU. The strategy, the actor and CUDA are stand-ins
+    that record what the step calls (no GPU here)."""
+    import torch
+
+    from openrlhf_ditto.pairs import PairBatch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    weight = torch.zeros((), requires_grad=True)
+    flags = {"ditto.beta": 0.05, "ditto.label_smoothing": 0.0, "ditto.ipo": False, "ditto.nll_coef": 0.0}
+    args = hierarchize(argparse.Namespace(**flags, **{"train.micro_batch_size": 1}))
+    strategy = types.SimpleNamespace(
+        args=args,
+        accumulated_gradient=2,
+        world_size=1,
+        backward=lambda loss, model, optimizer: calls.append("backward"),
+        optimizer_step=lambda *a, **k: calls.append("optimizer_step"),
+        get_grad_norm=lambda model: 0.5,
+    )
+
+    class Actor:
+        def train(self):
+            pass
+
+        def __call__(self, sequences, action_mask, attention_mask):
+            return action_mask.float() * weight
+
+    me = types.SimpleNamespace(
+        strategy=strategy,
+        actor=Actor(),
+        actor_optim=None,
+        actor_scheduler=types.SimpleNamespace(get_last_lr=lambda: [1e-6]),
+    )
+    batch = PairBatch(
+        sequences=torch.ones(4, 3, dtype=torch.long),
+        attention_mask=torch.ones(4, 3, dtype=torch.long),
+        action_mask=torch.ones(4, 2),
+        ref_logps=torch.zeros(4),
+        kinds=torch.zeros(2, dtype=torch.long),
+        chosen_is_demo=torch.tensor([True, False]),
+        truncated=torch.zeros(4, dtype=torch.bool),
+    )
+    out = backend.DittoPolicyActor.__ray_actor_class__.ditto_train_step(me, batch, 2, 1)
+    assert calls == ["backward", "optimizer_step"] * 2 + ["empty_cache"] and out["grad_norm"] == 0.5

@@ -285,6 +285,55 @@ def test_reward_options_and_a_mix_server_that_is_down(run_dir, in_process_server
     assert status == 502 and f"--mix {down} failed" in json.loads(text)["detail"]
 
 
+def test_every_request_shape_of_openrlhf_client_is_answered_never_500(
+    run_dir, in_process_server, cases, tokenizer, logratios
+):
+    """An empty list was HTTP 500 (IndexError in the tokenizer), a lone surrogate ("\\ud800") too (TypeError).
+    OpenRLHF's client sends labels as its dataset holds them ("" without --data.label_key, else any JSON value) and,
+    from `_fetch_rewards_via_http`, several queries per request, sharded over its endpoints (none for no query)."""
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    from openrlhf_ditto.reward import DittoReward, build_app
+
+    reward = DittoReward(run_dir / "final" / "adapter", run_dir / "reference", beta=0.05, max_len=96)
+    url = in_process_server(build_app(reward))
+    down = f"http://127.0.0.1:{free_port()}/get_reward"  # an empty request asks no mixed server
+    mixed = in_process_server(build_app(reward, mix=[(down, 1.0)]))
+    empty = {"rewards": [], "scores": [], "extra_logs": {"ditto_reward": []}}
+    for body in ({"query": [], "prompts": [], "labels": []}, {"query": [], "prompts": []}):
+        status, text = post(url, body)
+        assert status == 200 and json.loads(text) == empty, text
+    status, text = post(mixed, {"query": [], "prompts": [], "labels": []})
+    assert status == 200 and json.loads(text) == {**empty, "extra_logs": {"ditto_reward": [], "mix0_reward": []}}
+
+    queries = [p + tokenizer.decode(r, skip_special_tokens=False) for p, r in cases[:3]]
+    prompts = [p for p, _ in cases[:3]]
+    expected = [pytest.approx(0.05 * x, abs=1e-4) for x, _ in logratios[:3]]
+    for labels in (["", "", ""], [None, 3, {"answer": [1, 2]}]):
+        status, text = post(url, {"query": queries, "prompts": prompts, "labels": labels})
+        assert status == 200 and json.loads(text)["rewards"] == expected, text
+    status, text = post(url, {"query": [prompts[0] + "\ud800"], "prompts": [prompts[0]]})
+    assert status == 400 and "query[0] is not valid Unicode text" in json.loads(text)["detail"], text
+
+    async def client(endpoints, n):
+        executor = SingleTurnAgentExecutor(remote_rm_url=endpoints)
+        return await executor._fetch_rewards_via_http(queries[:n], prompts[:n], [""] * n)
+
+    assert asyncio.run(client([url], 0)) == []
+    answers = asyncio.run(client([url, url], 3))  # two shards: 2 queries and 1
+    assert [r for a in answers for r in a["extra_logs"]["ditto_reward"]] == expected
+    [one] = asyncio.run(client([url], 3))
+    assert one["rewards"] == expected
+
+    class Broken(DittoReward):  # broken weights: answered 200 with a bare NaN, which PPO would have trained on
+        def __call__(self, items):
+            return [float("nan")] * len(items)
+
+    broken = Broken(run_dir / "final" / "adapter", run_dir / "reference", beta=0.05, max_len=96)
+    status, text = post(in_process_server(build_app(broken)), {"query": queries[:1], "prompts": prompts[:1]})
+    assert status == 500 and json.loads(text)["detail"].startswith("the reward of query 0 is nan (1 of 1 not finite)")
+
+
 def error_of(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -204,7 +204,7 @@ def test_a_broken_user_file_is_named_and_nothing_starts(tiny_model_path, multi_r
     write_users(users, {"erin.v2": USERS["alice"]})  # "erin.v2": not an id
     with pytest.raises(SystemExit):
         main(users_argv(tiny_model_path, users, finished, "--resume"))
-    assert "user ids ['erin.v2']" in capsys.readouterr().err
+    assert f"{users / 'erin.v2.jsonl'}: user id 'erin.v2' is not letters, digits" in capsys.readouterr().err
 
     # new demos for a user who has not finished: refused, nothing touched
     (users / "erin.v2.jsonl").unlink()
@@ -215,6 +215,32 @@ def test_a_broken_user_file_is_named_and_nothing_starts(tiny_model_path, multi_r
         main(users_argv(tiny_model_path, users, finished, "--resume"))
     assert "user bob: their demos changed while their run was unfinished" in capsys.readouterr().err
     assert files_of(finished) == before
+
+
+def test_every_unusable_user_file_is_named_in_one_pass(tiny_model_path, tmp_path, capsys):
+    """An empty file and ids with a space or a dot were named one after the other, a run each; a file of another
+    kind and a subfolder were left out without a word."""
+    users = write_users(tmp_path / "users", {"alice": USERS["alice"], "erin v2": USERS["bob"]})
+    write_users(users, {"frank.v2": USERS["carol"]})
+    (users / "dave.jsonl").write_text("")
+    (users / "gina.txt").write_text("Hi\nHello\n")
+    write_users(users / "old", {"hal": USERS["bob"]})
+    (users / ".DS_Store").write_bytes(b"\0")  # the file manager's, not a user's
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(users_argv(tiny_model_path, users, out))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and not out.exists()
+    assert err.startswith(f"error: 5 of the 6 user files in {users} cannot be used"), err
+    for line in (
+        f"{users / 'dave.jsonl'} is empty",
+        f"{users / 'erin v2.jsonl'}: user id 'erin v2' is not letters, digits, _ and - only",
+        f"{users / 'frank.v2.jsonl'}: user id 'frank.v2' is not letters",
+        f"{users / 'gina.txt'}: not a demo file (.json, .jsonl, .csv, .parquet)",
+        f"{users / 'old'}: not a demo file",
+    ):
+        assert line in err, line
+    assert ".DS_Store" not in err
 
 
 @pytest.mark.slow

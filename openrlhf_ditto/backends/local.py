@@ -93,6 +93,14 @@ class LocalBackend:
         self.model_path = model_path
         self.vllm = None  # the first rollout builds the engine
         self.model = model.to(self.device)
+        if self.device.type == "cuda":  # checkpointing and micro-batch left unset: chosen to fit what is free
+            from openrlhf_ditto.memory import choose_local_memory, model_shape
+
+            lora = args.ds.lora
+            shape = model_shape(model.config, lora.rank, lora.target_modules)
+            budget = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()  # the plan counts the weights
+            if said := choose_local_memory(shape, args, budget):
+                print(said)
         if args.actor.gradient_checkpointing_enable:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = args.ds.lora.rank > 0

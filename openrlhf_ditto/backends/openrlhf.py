@@ -134,6 +134,7 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
             self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
             chosen.append(logps[:b].detach().float().cpu())
             rejected.append(logps[b:].detach().float().cpu())
+        torch.cuda.empty_cache()  # the step's full-vocabulary logits stay cached otherwise, while vLLM wakes
         return {
             "chosen_logps": torch.cat(chosen),
             "rejected_logps": torch.cat(rejected),

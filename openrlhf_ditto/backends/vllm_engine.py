@@ -158,6 +158,7 @@ class VLLMEngine:
             # (tests/test_multi_lora.py): never mix them
             raise ValueError("every prompt needs its LoRA adapter when any has one")
         if self.enable_sleep:  # the weights first, so that the reload never holds the KV cache too
+            torch.cuda.empty_cache()  # vLLM's allocator cannot take blocks PyTorch's cache holds (the policy's step)
             self.llm.wake_up(tags=["weights"])
         if weights is not None:
             self.llm.collective_rpc(_reload, args=(weights,))

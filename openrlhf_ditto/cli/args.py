@@ -10,10 +10,12 @@ import contextlib
 import importlib.util
 import math
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from openrlhf_ditto.models import check_weights
 from openrlhf_ditto.schedules import lr_scheduler
 
 
@@ -50,7 +52,13 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="HF model folder or name to align (or an SFT checkpoint with --ditto.sft_steps 0)",
     )
-    g.add_argument("--actor.gradient_checkpointing_enable", action="store_true", help="trade compute for memory")
+    g.add_argument(
+        "--actor.gradient_checkpointing_enable",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trade compute for memory (default: train on a GPU: on, with a smaller --train.micro_batch_size if "
+        "need be, when the step would not fit its free memory without it, README: Memory; else off)",
+    )
 
     g = parser.add_argument_group("data: the demonstrations")
     g.add_argument("--data.dataset", required=True, help="demos: a JSON/JSONL/Parquet/CSV file or a dataset folder")
@@ -374,3 +382,12 @@ def validate(args: SimpleNamespace) -> None:
         raise ValueError("--ditto.val_demos and --ditto.val_dataset both hold demos out: give one of them")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite deletes it: give one of them")
+    check_weights(args.actor.model_name_or_path, "--actor.model_name_or_path")
+    if args.resume:  # a resumed run loads the run's pi_0 in place of the model
+        check_weights(Path(args.ckpt.output_dir) / "reference", "--resume: the run's pi_0")
+    if not (getattr(args.data, "users", False) or getattr(args.data, "user_key", None)):  # train_ditto_ray has neither
+        from openrlhf_ditto.demos import users_hint  # transformers: not for --help
+
+        hint = users_hint(args.data.dataset, args.data.input_key)
+        if hint:
+            print(hint, file=sys.stderr)

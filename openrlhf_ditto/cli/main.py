@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. SmolLM2-135M; README: Does DITTO beat SFT?) (default: none, the paper's settings for 7B)",
     )
     add_ditto_args(train)
+    train.add_argument(
+        "--dry_run", action="store_true", help="check the flags and demos, print the memory plan, and stop"
+    )
     add_param_dtype_arg(train.add_argument_group("precision"))
     g = train.add_argument_group("rollout engine: what samples from the policy, in this process")
     g.add_argument(
@@ -318,6 +321,16 @@ def main(argv: list[str] | None = None) -> None:
             validate(args)
             u = args.vllm.gpu_memory_utilization
             check_ranges([("--vllm.gpu_memory_utilization", u, "(0, 1]", "default: 0.3, 0.1 on CPU")])
+            if args.dry_run:
+                from transformers import AutoTokenizer
+
+                from openrlhf_ditto.memory import describe
+                from openrlhf_ditto.trainer import demos_and_store
+
+                tokenizer = AutoTokenizer.from_pretrained(args.actor.model_name_or_path)
+                prompts = 8 if is_multi_user(args) else len(demos_and_store(args, tokenizer).prompts)
+                print(describe(args, prompts, ray=False))
+                return
             if is_multi_user(args):
                 from openrlhf_ditto.backends.multi_lora import MultiLoraBackend
 

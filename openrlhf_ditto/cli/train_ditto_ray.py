@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from openrlhf_ditto.cli.args import Parser, add_ditto_args, check_ranges, exit_codes, hierarchize, validate
-from openrlhf_ditto.models import check_causal_lm, check_lora_targets
+from openrlhf_ditto.models import check_causal_lm, check_lora_targets, check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +247,8 @@ def resolve_model(name: str, dry_run: bool) -> Path:
             f"{name} --local-dir /shared/models/{name.rpartition('/')[2]}`, and pass that folder (the recipes: "
             "MODEL=/shared/models/...)"
         ) from None
+    if not dry_run:  # a dry run fetched no weights
+        check_weights(folder, "--actor.model_name_or_path")
     return folder
 
 
@@ -279,6 +281,7 @@ def dry_run(args) -> None:
 
     from transformers import AutoTokenizer
 
+    from openrlhf_ditto.memory import describe
     from openrlhf_ditto.trainer import check_run_folder, demos_and_store
 
     model = Path(args.actor.model_name_or_path)
@@ -294,6 +297,7 @@ def dry_run(args) -> None:
         f"dry run ok: model {model}, {len(store.demos)} demos on {len(store.prompts)} prompts from "
         f"{args.data.dataset}, OpenRLHF {installed} (written for 0.11.2)"
     )
+    print(describe(args, len(store.prompts), ray=True))
     if max(args.actor.num_nodes, args.ref.num_nodes) > 1:  # every node's actors read the model, write the run folder
         for flag, path in (("--actor.model_name_or_path", model), ("--ckpt.output_dir", Path(args.ckpt.output_dir))):
             fs = filesystem(path)
