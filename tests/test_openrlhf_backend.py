@@ -518,7 +518,12 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
     assert all(torch.equal(saved[k], resumed[k]) for k in saved), "the resumed run ends with other weights"
 
 
+# Its one complete run (2026-12-02, 22 minutes on a loaded CPU) failed the last assertion: the engines matched the
+# policy, but their greedy tokens were pi_0's and moved by at most 0.004 nats a token, below the 0.02 bf16 tolerance
+# (the tiny model's update at 3e-5 is about 0.01 nats a token, tests/test_bf16.py). Outside CI until it compares
+# the engines' change with the policy's instead.
 @pytest.mark.slow
+@pytest.mark.beyond_ci
 def test_bf16_update_at_the_recipes_lr_reaches_the_engines(cluster_roles, tiny_model_path, tmp_path, monkeypatch):
     """In bf16 (DeepSpeed's bf16 mode, the engines bf16) at the recipes' LoRA settings (lr 3e-5, r 32, alpha 64, 10
     steps an iteration): after iteration 1's steps the synced engines continue the fixed prompt as the policy does,
