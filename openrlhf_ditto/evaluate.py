@@ -36,7 +36,7 @@ from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
 from openrlhf_ditto.judges import judge_local, judge_openai, judge_style
-from openrlhf_ditto.models import check_causal_lm, check_weights, eos_token_ids
+from openrlhf_ditto.models import check_causal_lm, check_weights, eos_token_ids, param_dtype
 from openrlhf_ditto.trainer import RunStopped, read_run_config
 
 BUILT_IN = ("zero-shot", "few-shot", "sft", "ditto")
@@ -146,12 +146,11 @@ def _render(
 def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, gpu_memory_utilization) -> list[dict]:
     """N sampled responses per prompt (decoded, special tokens dropped), with whether each was cut at the budget."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = param_dtype(sampling["param_dtype"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if sampling["engine"] == "torch":
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-            ).to(device)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"--conditions: cannot load the model {folder} ({e})") from e
     eos = eos_token_ids(folder, tokenizer)
@@ -172,7 +171,7 @@ def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, 
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
             share = gpu_memory_utilization or min(0.9, free / total - 0.02)
-        engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share)
+        engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share, dtype=dtype)
         try:
             groups = engine.generate(ids, n, eos, max_new, temperature, top_p, top_k)
         finally:
@@ -293,6 +292,7 @@ def evaluate(args: SimpleNamespace) -> Path:
         top_k=r.top_k,
         seed=args.seed,
         engine=rollout_engine(r.engine),
+        param_dtype=args.ds.param_dtype,
     )
     started = time.perf_counter()
     generations = _generations(

@@ -65,6 +65,10 @@ class DittoActorLoss(nn.Module):
         rejected_rewards = self.beta * (policy_rejected_logps - reference_rejected_logps).detach()
         margins = chosen_rewards - rejected_rewards
         metrics.update(loss=loss.item(), acc=(margins > 0).float().mean().item(), margin=margins.mean().item())
+        # how far the policy has moved, a cheap live signal (trainer.py warns when it is no more than numerics)
+        policy = torch.cat([policy_chosen_logps, policy_rejected_logps]).detach()
+        reference = torch.cat([reference_chosen_logps, reference_rejected_logps])
+        metrics["logratio_abs"] = (policy - reference).abs().mean().item()
         for k, name in enumerate(KINDS):
             mask = kinds == k
             n = int(mask.sum())

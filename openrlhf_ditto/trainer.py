@@ -565,6 +565,18 @@ def train(args: SimpleNamespace, make_backend) -> Path:
                 stop_if_not_finite(metrics, f"step {state['global_step']} (iteration {t + 1})", train_causes)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.2f}")
             bar.close()
+            # |log pi - log pi_ref| after one update (step 2) and at iteration 1's end: an update that survives the
+            # dtype's rounding grows with every step, rounding noise stays where it was (README, bf16: does the
+            # update survive?)
+            shifts = [m["logratio_abs"] for m in logger.history if m["prefix"] == "train"]
+            if t == 0 and resume_from is None and len(shifts) >= 3 and shifts[-1] < 2 * shifts[1]:
+                print(
+                    f"warning: after iteration 1 the policy's log-probs differ from the reference's by "
+                    f"{shifts[-1]:.2g} nats a sequence, about as much as after one step ({shifts[1]:.2g}): the "
+                    f"update is lost to rounding; raise --actor.adam.lr (now {args.actor.adam.lr:g}; README, bf16: "
+                    "does the update survive?)",
+                    file=sys.stderr,
+                )
             if val:
                 validate(t + 1, args.rollout.n_samples_per_prompt)
 

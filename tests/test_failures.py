@@ -506,7 +506,7 @@ TRAIN_RANGES = [  # every numeric flag of `train`, each just outside its range
     (["--ditto.beta", "-1"], "--ditto.beta -1: must be > 0 (paper: 0.05)"),
     (["--ditto.beta", "nan"], "--ditto.beta nan: must be > 0"),
     (["--ditto.beta", "inf"], "--ditto.beta inf: must be > 0"),
-    (["--actor.adam.lr", "-1"], "--actor.adam.lr -1: must be > 0 (paper: 1e-6)"),
+    (["--actor.adam.lr", "-1"], "--actor.adam.lr -1: must be > 0 (default: 3e-5 with LoRA, 1e-6 full-parameter)"),
     (["--ditto.sft_lr", "0"], "--ditto.sft_lr 0: must be > 0 (paper: 3e-5)"),
     (["--ditto.label_smoothing", "0.5"], "--ditto.label_smoothing 0.5: must be in [0, 0.5)"),
     (["--ditto.label_smoothing", "-0.1"], "--ditto.label_smoothing -0.1: must be in [0, 0.5)"),

@@ -1,8 +1,9 @@
 """The local backend: policy, frozen reference and rollouts in one process (plain torch + transformers + peft).
 
-fp32 on CPU, bf16 on CUDA. With LoRA (the paper's setting) the SFT adapter is merged into the base weights, which
-become the frozen reference, and DITTO trains a fresh adapter: reference log-probs are the same model with the
-adapter disabled, so no second copy of the model is held. Full-parameter training keeps a frozen copy.
+Precision: --ds.param_dtype (`models.param_dtype` says where each cast happens; fp32 on CPU, bf16 on CUDA by
+default). With LoRA (the paper's setting) the SFT adapter is merged into the base weights, which become the frozen
+reference, and DITTO trains a fresh adapter: reference log-probs are the same model with the adapter disabled, so no
+second copy of the model is held. Full-parameter training keeps a frozen copy, and fp32 master weights in bf16.
 Rollouts (--rollout.engine): our batched sampler (backends/sampling.py), or an in-process vLLM engine beside the
 policy (backends/vllm_engine.py) that loads the policy's weights before each iteration's sampling.
 """
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.loss import DittoActorLoss, sequence_logps, train_without_dropout
-from openrlhf_ditto.models import eos_token_ids, save_pretrained
+from openrlhf_ditto.models import eos_token_ids, param_dtype, save_pretrained
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 from openrlhf_ditto.schedules import lr_scheduler
 
@@ -36,11 +37,42 @@ def rollout_engine(choice: str) -> str:
     return choice
 
 
+class Fp32MasterAdamW(torch.optim.AdamW):
+    """AdamW on fp32 master copies of bf16 parameters, as DeepSpeed's bf16 mode: a step below half a bf16 ulp of a
+    weight (lr 1e-6 on any |w| > 2.4e-4) accumulates in the copy instead of rounding away, and the bf16 parameters
+    the forward uses are the copies rounded. fp32 parameters (peft's adapters, an fp32 model) step in place."""
+
+    def __init__(self, params, **kwargs):
+        self.model_params = list(params)
+        super().__init__([p if p.dtype == torch.float32 else p.detach().float() for p in self.model_params], **kwargs)
+
+    def _copies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(p, m) for p, m in zip(self.model_params, self.param_groups[0]["params"]) if m is not p]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, master in self._copies():
+            master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
+        super().step()
+        for p, master in self._copies():
+            p.copy_(master)
+
+    def state_dict(self) -> dict:  # the copies too: a resumed run goes on from them, not from their rounding
+        return {**super().state_dict(), "fp32_masters": [m for _, m in self._copies()]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        for (_, master), saved in zip(self._copies(), state.pop("fp32_masters", [])):
+            master.copy_(saved)
+        super().load_state_dict(state)
+
+
 class LocalBackend:
     def __init__(self, model_path: str | Path, args: SimpleNamespace):
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = param_dtype(args.ds.param_dtype)
         args.rollout.engine = rollout_engine(args.rollout.engine)  # refused here, before the run folder is claimed
         if args.vllm.enable_sleep and (args.rollout.engine != "vllm" or self.device.type != "cuda"):
             raise ValueError(
@@ -48,7 +80,7 @@ class LocalBackend:
             )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         except (OSError, ValueError) as e:
             raise FileNotFoundError(
                 f"cannot load a Hugging Face causal LM from {model_path!s} ({e}); give a local model folder "
@@ -94,7 +126,7 @@ class LocalBackend:
     def sft_step(self, batch: SequenceBatch) -> float:
         d = self.args.ditto
         if self.sft_optimizer is None:
-            self.sft_optimizer = torch.optim.AdamW(self._trainable(), lr=d.sft_lr, weight_decay=0.0)
+            self.sft_optimizer = Fp32MasterAdamW(self._trainable(), lr=d.sft_lr, weight_decay=0.0)
             self.sft_scheduler = lr_scheduler(d.sft_lr_scheduler, self.sft_optimizer, d.sft_warmup_ratio, d.sft_steps)
         self.model.train()
         batch = batch.to(self.device)
@@ -122,7 +154,7 @@ class LocalBackend:
     def _ditto_optimizer(self) -> None:
         """A fresh DITTO optimiser and lr schedule over the trainable parameters."""
         opt = self.args.actor
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = Fp32MasterAdamW(
             self._trainable(), lr=opt.adam.lr, betas=tuple(opt.adam.betas), weight_decay=opt.adam.weight_decay
         )
         steps = self.args.ditto.iterations * self.args.ditto.resample_every
@@ -144,7 +176,7 @@ class LocalBackend:
             v = self.args.vllm
             share = v.gpu_memory_utilization or (0.3 if cuda else 0.1)
             self.vllm = VLLMEngine(
-                self.model_path, self.args.data.max_len, self.args.train.seed, share, v.enable_sleep
+                self.model_path, self.args.data.max_len, self.args.train.seed, share, v.enable_sleep, dtype=self.dtype
             )
         # LoRA: the adapted layers, which hold everything pi_t changed (SFT's merged adapter too); else every weight
         weights = weights_for_sync(self.model, self.vllm.dtype)

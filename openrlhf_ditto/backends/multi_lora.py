@@ -184,7 +184,14 @@ class MultiLoraBackend(LocalBackend):
             rank = vllm_max_lora_rank(2 * self.adapter_config.r)
             at_once = min(len(prompts), VLLM_MAX_LORAS)
             self.vllm = VLLMEngine(
-                self.model_path, self.args.data.max_len, self.args.train.seed, share, v.enable_sleep, rank, at_once
+                self.model_path,
+                self.args.data.max_len,
+                self.args.train.seed,
+                share,
+                v.enable_sleep,
+                rank,
+                at_once,
+                dtype=self.dtype,
             )
             self.sync_dir = tempfile.TemporaryDirectory(prefix="ditto-adapters-")
         rows, requests, seeds = [], [], []

@@ -11,6 +11,7 @@ from openrlhf_ditto import __version__
 from openrlhf_ditto.cli.args import (
     Parser,
     add_ditto_args,
+    add_param_dtype_arg,
     check_input_template,
     check_ranges,
     exit_codes,
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dry_run", action="store_true", help="check the flags and demos, print the memory plan, and stop"
     )
+    add_param_dtype_arg(train.add_argument_group("precision"))
     g = train.add_argument_group("rollout engine: what samples from the policy, in this process")
     g.add_argument(
         "--rollout.engine",
@@ -215,6 +217,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="style: the user's writing each output is compared with, besides the prompt's own held-out response: "
         "the run's demos, or the held-out answers alone (not what SFT trained on) (default: demos)",
     )
+    add_param_dtype_arg(parser.add_argument_group("precision of the conditions' models"))
 
 
 def validate_eval(args) -> None:
@@ -272,6 +275,7 @@ def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="longest query in tokens; longer ones are refused (default: the run's --data.max_len, else 2048)",
     )
+    add_param_dtype_arg(g)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, as serve_rm)")
     g.add_argument("--port", type=int, default=5000, help="port (default: 5000, as serve_rm)")
