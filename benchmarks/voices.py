@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model = str(smollm2_path())
     recipe = [*FLAGS, *(QUICK if args.quick else []), *shlex.split(args.flags)]
     sampling = dict(n=samples, max_new_tokens=int(flag(recipe, "--rollout.max_new_tokens", "512")))
-    sampling |= dict(temperature=1.0, top_p=1.0, seed=42, engine="torch")
+    sampling |= dict(temperature=1.0, top_p=1.0, top_k=50, seed=42, engine="torch", param_dtype=None)
 
     # checks[condition][voice] = per prompt, per sample, {rule: passed}
     checks: dict[str, dict[str, list[list[dict]]]] = {c: {} for c in wanted}
