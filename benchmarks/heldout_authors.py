@@ -19,8 +19,12 @@ Printed: DITTO's win rate against each baseline per author, the mean over author
 --per_iteration judges every iteration's policy too (rebuilt from the run's checkpoints) and sets the held-out
 signal (--ditto.val_demos, val/ in metrics.jsonl) beside the judge's win rate over SFT.
 
---tokens N cuts every demo and held-out answer to its first N tokens and sets the response budget to N + 1 (the
-end of turn): a quick look on a CPU (the CMCC answers are ~700 tokens). Runs, generations and judgments are kept
+--tokens N cuts every demo and held-out answer at its last sentence end before N tokens (not mid-sentence: DITTO
+would learn that answers stop there) and sets the response budget to N + 1 (the end of turn): a quick look on a CPU
+(the CMCC answers are ~700 tokens). The report gives the share of samples cut at the budget.
+The style judge runs twice on the same generations: its profile of the author is the run's demos (`--judge.profile
+demos`, what SFT trained on) or the held-out answers alone (`--judge.profile heldout`); the report sets them side by
+side, with how often the two pick the same output. Runs, generations and judgments are kept
 in --out per author: a killed benchmark continues where it stopped with the same command, and a new variant costs
 only its own run.
 
@@ -31,6 +35,7 @@ only its own run.
 import argparse
 import json
 import math
+import re
 import shlex
 import shutil
 import sys
@@ -55,16 +60,35 @@ def flag(argv: list[str], name: str, default: str) -> str:
     return argv[len(argv) - 1 - argv[::-1].index(name) + 1] if name in argv else default
 
 
-def cut_file(source: Path, target: Path, tokenizer, tokens: int | None) -> Path:
-    """The records of `source` with each response cut to its first `tokens` tokens (a copy outside the repo)."""
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def cut_at_sentence(text: str, tokenizer, tokens: int) -> tuple[str, bool]:
+    """`text` cut at its last sentence end within its first `tokens` tokens, so that no demo teaches DITTO that an
+    answer stops mid-sentence; and whether it had none there (then it is cut at `tokens`, mid-sentence)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= tokens:
+        return text, False
+    head = tokenizer.decode(ids[:tokens])
+    ends = [m.end() for m in SENTENCE_END.finditer(head)]
+    return (head[: ends[-1]], False) if ends else (head, True)
+
+
+def cut_file(source: Path, target: Path, tokenizer, tokens: int | None) -> tuple[Path, int, int]:
+    """The records of `source` with each response cut by `cut_at_sentence` (a copy outside the repo), and how many
+    of how many had no sentence end within `tokens` tokens."""
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     if tokens is None:
-        return source
-    if not target.exists():
-        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-        for r in rows:
-            r["response"] = tokenizer.decode(tokenizer(r["response"], add_special_tokens=False)["input_ids"][:tokens])
-        target.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return target
+        return source, 0, len(rows)
+    mid_sentence = 0
+    for r in rows:
+        r["response"], cut = cut_at_sentence(r["response"], tokenizer, tokens)
+        mid_sentence += cut
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if target.exists() and target.read_text() != text:
+        raise SystemExit(f"{target} holds answers cut another way (an older version): give a new --out")
+    target.write_text(text)
+    return target, mid_sentence, len(rows)
 
 
 def train(run: Path, argv: list[str]) -> None:
@@ -116,7 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path, help="folder of author_XX/{demos,heldout}.jsonl")
     parser.add_argument("--authors", nargs="+", default=None, help="author folders to run (default: all)")
-    parser.add_argument("--tokens", type=int, default=None, help="cut answers to N tokens, budget N (quick look)")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="cut answers at a sentence end before N tokens, budget N + 1"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/heldout_authors"), help="runs and evals (kept)")
     parser.add_argument("--flags", default="", help="extra `train` flags for every run, e.g. '--actor.adam.lr 1e-4'")
     parser.add_argument("--samples", type=int, default=3, help="eval samples per prompt and condition (paper: 3)")
@@ -145,8 +171,11 @@ def main() -> None:
     for author in authors:
         out = args.out / author
         out.mkdir(parents=True, exist_ok=True)
-        demos = cut_file(args.data_dir / author / "demos.jsonl", out / "demos.jsonl", tokenizer, args.tokens)
-        held_out = cut_file(args.data_dir / author / "heldout.jsonl", out / "heldout.jsonl", tokenizer, args.tokens)
+        demos, *counts = cut_file(args.data_dir / author / "demos.jsonl", out / "demos.jsonl", tokenizer, args.tokens)
+        held_out, *more = cut_file(
+            args.data_dir / author / "heldout.jsonl", out / "heldout.jsonl", tokenizer, args.tokens
+        )
+        mid_sentence = [a + b for a, b in zip(counts, more)]
         base = ["--actor.model_name_or_path", model, "--data.dataset", str(demos), *recipe]
         main_run = out / "ditto"
         train(main_run, base)
@@ -170,10 +199,15 @@ def main() -> None:
         if args.per_iteration:
             conditions += [f"iter_{t}={iteration_model(main_run, t)}" for t in range(1, iterations)]  # the last: ditto
         judged = out / "eval"
-        cli(["eval", "--run", str(main_run), "--data.dataset", str(held_out), "--judge", "style",
-             "--rollout.n_samples_per_prompt", str(args.samples), "--output_dir", str(judged),
-             "--conditions", *conditions])  # fmt: skip
+        for profile in ("heldout", "demos"):  # one folder, one set of generations; results.json: the last one's
+            cli(["eval", "--run", str(main_run), "--data.dataset", str(held_out), "--judge", "style",
+                 "--judge.profile", profile, "--rollout.n_samples_per_prompt", str(args.samples),
+                 "--output_dir", str(judged), "--conditions", *conditions])  # fmt: skip
+            if profile == "heldout":
+                heldout_profile = json.loads((judged / "results.json").read_text())
         results[author] = json.loads((judged / "results.json").read_text())
+        results[author] |= {"heldout_profile": heldout_profile, "mid_sentence": mid_sentence}
+        results[author]["agreement"] = agreement(judged / "judgments.jsonl", results[author]["judge"])
         results[author]["val"] = {  # the held-out signal of every DITTO run with a final/ of its own
             name: [
                 r
@@ -189,6 +223,17 @@ def main() -> None:
         print(f"=== {author} done, {time.perf_counter() - started:.0f} s since the start", flush=True)
 
     report(results, args, recipe_flags, time.perf_counter() - started)
+
+
+def agreement(judgments: Path, demos_judge: str) -> tuple[int, int]:
+    """Of the comparisons both profiles judged (the same two outputs, the same order), how many they decided the
+    same way, and how many there were."""
+    by_judge: dict[bool, dict] = {True: {}, False: {}}
+    for row in map(json.loads, judgments.read_text().splitlines()):
+        if row["status"] == "ok":
+            by_judge[row["judge"] == demos_judge][row["prompt"], row["sample"], row["A"], row["B"]] = row["answer"]
+    both = by_judge[True].keys() & by_judge[False].keys()
+    return sum(by_judge[True][k] == by_judge[False][k] for k in both), len(both)
 
 
 def report(results: dict, args, recipe: list[str], seconds: float) -> None:
@@ -219,6 +264,30 @@ def report(results: dict, args, recipe: list[str], seconds: float) -> None:
     beats = sum(results[a]["matrix"]["ditto"]["sft"][0] > 0.5 for a in authors)
     print(f"\nDITTO beats SFT (win rate > 50%) for {beats} of {len(authors)} authors; the paper: DITTO's mean win")
     print("rate on CMCC 71.7, and it beats SFT by 11.7 points on average.")
+    print("\nThe style judge's profile: the run's demos (what SFT trained on) vs the held-out answers alone, DITTO's")
+    print("win rate against each baseline (mean over authors [95%]):\n")
+    print("| profile | " + " | ".join(f"vs {c}" for c in cols) + " |\n| --- " * 1 + "|" + " ---: |" * len(cols))
+    for label, key in (("demos (today's)", None), ("held-out answers", "heldout_profile")):
+        m = [(results[a][key] if key else results[a])["matrix"]["ditto"] for a in authors]
+        print(f"| {label} | " + " | ".join(interval([x[c][0] if x.get(c) else None for x in m]) for c in cols) + " |")
+    same, total = (sum(results[a]["agreement"][i] for a in authors) for i in (0, 1))
+    print(
+        f"\nThe two profiles pick the same output in {same} of {total} judgments ({100 * same / max(total, 1):.0f}%)."
+    )
+    flips = [a for a in authors if (results[a]["matrix"]["ditto"]["sft"][0] - 0.5)
+             * (results[a]["heldout_profile"]["matrix"]["ditto"]["sft"][0] - 0.5) < 0]  # fmt: skip
+    print(
+        f"DITTO vs SFT in opposite directions under the two profiles: {len(flips)} of {len(authors)} authors "
+        f"({', '.join(flips) or 'none'})."
+    )
+    if args.tokens:
+        mid, answers = (sum(results[a]["mid_sentence"][i] for a in authors) for i in (0, 1))
+        print(
+            f"\nDemos and held-out answers cut at their last sentence end before {args.tokens} tokens; {mid} of "
+            f"{answers} had none there and are cut mid-sentence."
+        )
+    print("Samples cut at the budget (--rollout.max_new_tokens), mean over authors: " + ", ".join(
+        f"{c} {100 * np.mean([results[a]['truncated'][c] for a in authors]):.0f}%" for c in names) + ".")  # fmt: skip
     if args.ablations:
         print(
             "\nAblations (DITTO's win rate over each; the paper: DITTO 70.1 vs offline 57.3, updated reference 45.8):"

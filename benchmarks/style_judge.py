@@ -65,8 +65,9 @@ def main() -> None:
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
-        sampling = dict(n=args.samples, max_new_tokens=longest, temperature=1.0, top_p=1.0, seed=42)
-        zero_shot = dict(zip(prompts, (g["samples"] for g in _generate(str(model), chats, sampling, 4))))
+        sampling = dict(n=args.samples, max_new_tokens=longest, temperature=1.0, top_p=1.0, top_k=50, seed=42)
+        sampling |= dict(engine="torch", param_dtype=None)
+        zero_shot = dict(zip(prompts, (g["samples"] for g in _generate(str(model), chats, sampling, 4, None))))
         args.out.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(zero_shot))
 

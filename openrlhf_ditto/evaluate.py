@@ -37,7 +37,7 @@ from openrlhf_ditto.backends.local import rollout_engine
 from openrlhf_ditto.backends.sampling import sample_responses
 from openrlhf_ditto.demos import load_demos, read_records
 from openrlhf_ditto.judges import judge_local, judge_openai, judge_style
-from openrlhf_ditto.models import check_causal_lm, check_weights, eos_token_ids
+from openrlhf_ditto.models import check_causal_lm, check_weights, eos_token_ids, param_dtype
 from openrlhf_ditto.runfolder import RunStopped, read_run_config, write_atomic
 
 BUILT_IN = ("zero-shot", "few-shot", "sft", "ditto")
@@ -147,19 +147,20 @@ def _render(
 def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, gpu_memory_utilization) -> list[dict]:
     """N sampled responses per prompt (decoded, special tokens dropped), with whether each was cut at the budget."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = param_dtype(sampling["param_dtype"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if sampling["engine"] == "torch":
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-            ).to(device)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"--conditions: cannot load the model {folder} ({e})") from e
     eos = eos_token_ids(folder, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     torch.manual_seed(sampling["seed"])  # each condition samples the same whichever others run with it
-    n, max_new, temperature, top_p = (sampling[k] for k in ("n", "max_new_tokens", "temperature", "top_p"))
+    n, max_new, temperature, top_p, top_k = (
+        sampling[k] for k in ("n", "max_new_tokens", "temperature", "top_p", "top_k")
+    )
     if sampling["engine"] == "vllm":
         from openrlhf_ditto.backends.vllm_engine import VLLMEngine
 
@@ -171,16 +172,16 @@ def _generate(folder: str, prompts: list[str], sampling: dict, batch_size: int, 
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
             share = gpu_memory_utilization or min(0.9, free / total - 0.02)
-        engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share)
+        engine = VLLMEngine(folder, max(len(p) for p in ids) + max_new, sampling["seed"], share, dtype=dtype)
         try:
-            groups = engine.generate(ids, n, eos, max_new, temperature, top_p)
+            groups = engine.generate(ids, n, eos, max_new, temperature, top_p, top_k)
         finally:
             engine.close()
     else:
         groups = []
         for start in range(0, len(ids), batch_size):
             groups += sample_responses(
-                model, ids[start : start + batch_size], n, pad, eos, max_new, temperature, top_p
+                model, ids[start : start + batch_size], n, pad, eos, max_new, temperature, top_p, top_k
             )
         del model
         gc.collect()
@@ -259,11 +260,15 @@ def evaluate(args: SimpleNamespace) -> Path:
             f"{config['data']['max_len']}; give fewer"
         )
     judge_id, api_key = _judge_settings(args)
-    writing = None  # the style judge's profile of the user: the run's demos (with each judgment's reference)
+    writing = None  # the style judge's profile of the user (with each judgment's reference)
     if args.judge.kind == "style":
-        run_data = config["data"]
-        demos = read_records(run_data["dataset"], "--judge style: the run's demos (its --data.dataset)")
-        writing = [_conversation(r, run_data["input_key"], run_data["output_key"])[1] for r in demos]
+        if args.judge.profile == "heldout":  # what SFT never saw: reproducing the demos earns nothing by itself
+            held_out = read_records(args.data.dataset, "--data.dataset (held-out)")
+            writing = [_conversation(r, args.data.input_key, args.data.output_key)[1] for r in held_out]
+        else:
+            run_data = config["data"]
+            demos = read_records(run_data["dataset"], "--judge style: the run's demos (its --data.dataset)")
+            writing = [_conversation(r, run_data["input_key"], run_data["output_key"])[1] for r in demos]
         judge_id = f"style v1 {hashlib.sha256(json.dumps(writing).encode()).hexdigest()[:16]}"
     models = conditions(args.conditions, run, config["actor"]["model_name_or_path"])
     # every prompt rendered and checked before any model is loaded: a bad file stops the eval at once
@@ -285,8 +290,10 @@ def evaluate(args: SimpleNamespace) -> Path:
         max_new_tokens=r.max_new_tokens,
         temperature=r.temperature,
         top_p=r.top_p,
+        top_k=r.top_k,
         seed=args.seed,
         engine=rollout_engine(r.engine),
+        param_dtype=args.ds.param_dtype,
     )
     started = time.perf_counter()
     generations = _generations(
@@ -454,7 +461,7 @@ def _report(results: dict, questions: list[str], errors: list[str]) -> str:
         "# DITTO eval",
         "",
         f"Run `{results['run']}`, held-out prompts `{results['held_out']}` ({len(questions)}), {sampling['n']} "
-        f"samples per prompt and condition (temperature {sampling['temperature']}, up to "
+        f"samples per prompt and condition (temperature {sampling['temperature']}, top-k {sampling['top_k']}, up to "
         f"{sampling['max_new_tokens']} tokens, seed {sampling['seed']}), judge `{results['judge']}`. Each "
         "comparison is judged in both orders; win rates count a split as half; [95% interval], a bootstrap over "
         "prompts.",

@@ -25,6 +25,22 @@ def eos_token_ids(model_path: str | os.PathLike, tokenizer) -> set[int]:
     return {int(i) for i in ids | {tokenizer.eos_token_id, end_of_turn(tokenizer)} if i is not None}
 
 
+def param_dtype(choice: str | None):
+    """`--ds.param_dtype` (bf16 or fp32; default bf16 on CUDA, fp32 on a CPU), the one place precision is chosen.
+
+    Every model the package loads (the policy and its frozen reference, eval's and serve-reward's models) loads in
+    it, `reference/` and `final/` are saved in it (a LoRA adapter merged into bf16 weights rounds to bf16 there),
+    and a vLLM engine runs in it and receives the policy's weights cast to it (`weights_for_sync` merges LoRA in
+    fp32 first). What trains is fp32 either way: peft keeps adapters in fp32, and full-parameter training keeps
+    fp32 master weights of bf16 parameters (`backends/local.py` `Fp32MasterAdamW`), as DeepSpeed's bf16 mode does.
+    What survives the casts at a given lr: README, "bf16: does the update survive?"."""
+    import torch
+
+    if choice is None:
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+
+
 def check_causal_lm(path: str | os.PathLike, flag: str) -> None:
     """Refuse a model folder that holds no language-model head (a reward or classification model, a bare base
     model): AutoModelForCausalLM would load it with a new, random head and every sample would be noise. A folder

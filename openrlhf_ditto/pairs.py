@@ -6,11 +6,17 @@ Four kinds of pair (chosen > rejected), mixed in each batch by configurable frac
   inter_model  a sample of p from iteration i > a sample of p from iteration j < i  (i <= t)
   external     a pair of the user's own preference data (--ditto.extra_pairs), chosen > rejected as given
 At iteration 0 there is no earlier iteration: the replay and inter-model shares go to online pairs.
-Each pair is drawn in O(1) (prompt, then iteration, then sample), so a batch costs the same however many
-iterations and samples the store holds; no pair is ever enumerated.
+As in the official DITTO code, a batch's pairs of a kind are drawn uniformly from all pairs of that kind and without
+replacement: a pair comes twice in a batch only once every pair of its kind is in it. A kind with few pairs (at most
+`_ENUMERATED` per pair wanted) is enumerated; a larger one is drawn in O(1) a pair (a demo or a prompt, then the
+iterations, then the samples), redrawing a pair already taken, so a batch costs the same however many iterations
+and samples the store holds. The O(1) draws are uniform over pairs when every prompt has the same number of samples
+in each iteration, as DITTO's rollouts give (M each).
 """
 
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +25,8 @@ from openrlhf_ditto.store import DEMO, Response, SampleStore
 
 KINDS = ("online", "replay", "inter_model", "external")
 ONLINE, REPLAY, INTER_MODEL, EXTERNAL = range(4)
-_MAX_DRAWS = 32  # redraws for a pair whose two responses are identical before the slot is given up
+_MAX_DRAWS = 32  # redraws for a pair already taken or of two identical responses before the slot is given up
+_ENUMERATED = 2  # a kind with at most this many pairs per pair wanted is enumerated (else a redraw fails < 1/2)
 
 
 @dataclass
@@ -69,31 +76,63 @@ class PairSampler:
         self.owed = [0.0] * len(KINDS)  # kind_counts' carry from batch to batch
 
     def sample(self, batch_size: int) -> list[Pair]:
-        """Draw `batch_size` pairs for the newest iteration; a slot is dropped only when every one of its
-        redraws gave two identical responses (a policy that reproduces its demo token for token)."""
+        """Draw `batch_size` pairs for the newest iteration; a slot is dropped only when its kind has no pair of two
+        distinct responses (a policy that reproduces its demo token for token), or every redraw of a large kind hit
+        such a pair or one already taken."""
         t = self.store.num_iterations - 1
         if t < 0:
             raise RuntimeError("the store has no samples yet: add an iteration before drawing pairs")
         pairs = []
         for kind, count in enumerate(kind_counts(batch_size, self.fractions, t > 0, self.owed)):
+            if count == 0:
+                continue
+            pool = list(itertools.islice(self._pool(kind, t), _ENUMERATED * count + 1))
+            if len(pool) <= _ENUMERATED * count:
+                pool = [pair for pair in pool if not _identical(pair)]
+                while pool and count:  # the whole pool, shuffled, as often as the count needs
+                    taken = self.rng.sample(pool, min(count, len(pool)))
+                    pairs += taken
+                    count -= len(taken)
+                continue
+            taken = set()
             for _ in range(count):
                 for _ in range(_MAX_DRAWS):
                     pair = self._draw(kind, t)
-                    if not torch.equal(pair.chosen.ids, pair.rejected.ids):
+                    key = (id(pair.chosen), id(pair.rejected))
+                    if key not in taken and not _identical(pair):
+                        taken.add(key)
                         pairs.append(pair)
                         break
         return pairs
+
+    def _pool(self, kind: int, t: int) -> Iterator[Pair]:
+        """Every pair of a kind, lazily."""
+        store = self.store
+        if kind == EXTERNAL:
+            return (Pair(kind, c, r) for c, r in store.external)
+        if kind == INTER_MODEL:
+            return (
+                Pair(kind, a, b)
+                for p in range(len(store.prompts))
+                for i in range(1, t + 1)
+                for j in range(i)
+                for a in store.iterations[i][p]
+                for b in store.iterations[j][p]
+            )
+        earlier = [t] if kind == ONLINE else range(t)
+        return (Pair(kind, d, s) for d in store.demos for j in earlier for s in store.iterations[j][d.prompt])
 
     def _draw(self, kind: int, t: int) -> Pair:
         rng, store = self.rng, self.store
         if kind == EXTERNAL:
             return Pair(kind, *rng.choice(store.external))
-        p = rng.randrange(len(store.prompts))
-        if kind == INTER_MODEL:
-            i = rng.randint(1, t)
-            return Pair(kind, rng.choice(store.iterations[i][p]), rng.choice(store.iterations[rng.randrange(i)][p]))
+        if kind == INTER_MODEL:  # two iterations uniformly, so that each (later, earlier) pair of samples is as likely
+            p = rng.randrange(len(store.prompts))
+            j, i = sorted(rng.sample(range(t + 1), 2))
+            return Pair(kind, rng.choice(store.iterations[i][p]), rng.choice(store.iterations[j][p]))
+        demo = rng.choice(store.demos)  # a prompt with more demos has more pairs
         j = t if kind == ONLINE else rng.randrange(t)
-        return Pair(kind, rng.choice(store.demos_by_prompt[p]), rng.choice(store.iterations[j][p]))
+        return Pair(kind, demo, rng.choice(store.iterations[j][demo.prompt]))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate(), "owed": list(self.owed)}
@@ -102,6 +141,10 @@ class PairSampler:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.owed = list(state.get("owed", [0.0] * len(KINDS)))  # a checkpoint from before the carry: none
+
+
+def _identical(pair: Pair) -> bool:
+    return torch.equal(pair.chosen.ids, pair.rejected.ids)
 
 
 @dataclass

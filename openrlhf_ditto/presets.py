@@ -1,7 +1,9 @@
 """`openrlhf-ditto train --preset NAME`: settings measured for a kind of model; any flag you give overrides them.
 
 small: a ~100M-parameter model (SmolLM2-135M-Instruct) with LoRA, on a CPU or a small GPU. The paper's settings
-(the flags' defaults) are for Mistral-7B. README, "Does DITTO beat SFT?", gives the measurements behind each value.
+(the flags' defaults) are for Mistral-7B. README, "Does DITTO beat SFT?", gives the measurements behind each value;
+benchmarks/voices.py (rule-checked voices, exact metric) is the check to rerun before changing one: so far it has
+shown no difference that would move a value (README).
 """
 
 SMALL_MODEL = [

@@ -27,7 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.loss import sequence_logps
-from openrlhf_ditto.models import check_causal_lm, check_weights
+from openrlhf_ditto.models import check_causal_lm, check_weights, param_dtype
 from openrlhf_ditto.pairs import collate
 from openrlhf_ditto.runfolder import read_run_config
 
@@ -53,9 +53,10 @@ class DittoReward:
         offset: float = 0.0,
         clip_range: tuple[float, float] | None = None,
         max_len: int = 2048,
+        dtype: str | None = None,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = param_dtype(dtype)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(reference)
             self.reference = None  # None: self.policy computes the reference too (`_as_reference`)
@@ -218,6 +219,7 @@ def load_reward(args: SimpleNamespace) -> DittoReward:
         offset=args.offset,
         clip_range=tuple(args.clip_range) if args.clip_range else None,
         max_len=max_len or 2048,
+        dtype=args.ds.param_dtype,
     )
 
 

@@ -40,7 +40,9 @@ ditto_args=(
     --vllm.enable_sleep --ds.enable_sleep --vllm.gpu_memory_utilization 0.5
     --ds.zero_stage 2 --ds.param_dtype bf16 --actor.gradient_checkpointing_enable
     --ds.lora.rank 32 --ds.lora.alpha 64 --ds.lora.target_modules q_proj k_proj v_proj o_proj
-    --rollout.n_samples_per_prompt 10 --ditto.beta 0.05 --actor.adam.lr 1e-6
+    # paper: lr 1e-6, which bf16 rounds away with LoRA (benchmarks/bf16_survival.py; README, "bf16: does the
+    # update survive?"); 3e-5, about 10x the full-parameter lr as in published LoRA practice, survives
+    --rollout.n_samples_per_prompt 10 --ditto.beta 0.05 --actor.adam.lr 3e-5
     --ditto.resample_every 10 --ditto.iterations 4
     --train.batch_size 24 --train.micro_batch_size 4  # 24 pairs a step in 6 micro-batches
 )

@@ -46,7 +46,10 @@ ditto_args=(
     --ds.zero_stage 2 --ds.param_dtype bf16 --actor.gradient_checkpointing_enable
     --ds.lora.rank 32 --ds.lora.alpha 64 --ds.lora.target_modules q_proj k_proj v_proj o_proj  # paper: a fresh LoRA
     --rollout.n_samples_per_prompt 10  # paper: M = 10 samples per demo prompt
-    --ditto.beta 0.05 --actor.adam.lr 1e-6  # paper: DPO beta 0.05, lr 1e-6
+    # paper: DPO beta 0.05, lr 1e-6. In bf16 a fresh LoRA's update at 1e-6 rounds away in the policy's forward, the
+    # sync to vLLM and final/ (benchmarks/bf16_survival.py; README, "bf16: does the update survive?"): 3e-5, about
+    # 10x the full-parameter lr as in published LoRA practice, is the lowest lr it measured surviving in all three
+    --ditto.beta 0.05 --actor.adam.lr 3e-5
     --ditto.resample_every 10 --ditto.iterations 4  # paper: resample every 10 steps, 40 steps in all
     --train.batch_size 24 --train.micro_batch_size 2  # paper: 8 prompts x 3 = 24 pairs a step (= 4 ranks x 3 x 2)
     --ditto.pair_fractions 0.7 0.2 0.1  # paper: 70% online, 20% replay, 10% inter-model pairs

@@ -579,3 +579,18 @@ def test_style_judge_in_eval_cache_round_trip_and_report(run_dir, held_out, tmp_
     again = results(out)
     assert again["judgments"]["asked_now"] == 0 and again["matrix"] == r["matrix"]
     assert len(open(out / "judgments.jsonl").read().splitlines()) == r["judgments"]["total"]
+
+
+def test_style_judge_profile_of_the_held_out_answers_alone(run_dir, held_out, tmp_path):
+    """--judge.profile heldout: the user's writing is the held-out answers, not the demos SFT trained on; a judge of
+    its own (cache key), on the same generations."""
+    out = tmp_path / "eval"
+    base = eval_argv(run_dir, held_out, out, "--conditions", "zero-shot", "ditto", "--judge", "style")
+    main(base)
+    main([*base, "--judge.profile", "heldout"])
+    r = results(out)
+    writing = [response for _, response in HELD_OUT]
+    assert r["judge"] == f"style v1 {hashlib.sha256(json.dumps(writing).encode()).hexdigest()[:16]}"
+    assert r["judgments"]["asked_now"] == r["judgments"]["total"] > 0  # none reused from the demos' profile
+    judges = Counter(json.loads(line)["judge"] for line in open(out / "judgments.jsonl"))
+    assert len(judges) == 2 and set(judges.values()) == {r["judgments"]["total"]}

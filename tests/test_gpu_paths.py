@@ -32,7 +32,7 @@ def test_eval_gives_each_conditions_engine_what_is_free(tiny_model_path, monkeyp
     class Engine:
         alive = 0
 
-        def __init__(self, folder, max_len, seed, share):
+        def __init__(self, folder, max_len, seed, share, dtype=None):
             gpu.calls.append(f"start {share:.3f}")
             if share * 80 * GB > 80 * GB - gpu.used or Engine.alive:
                 raise ValueError(f"Free memory on device is less than desired GPU memory utilization ({share})")
@@ -49,7 +49,7 @@ def test_eval_gives_each_conditions_engine_what_is_free(tiny_model_path, monkeyp
             gpu.used, Engine.alive = 10 * GB, 0  # what the engine left behind
 
     monkeypatch.setitem(sys.modules, "openrlhf_ditto.backends.vllm_engine", types.SimpleNamespace(VLLMEngine=Engine))
-    sampling = dict(engine="vllm", seed=1, n=2, max_new_tokens=4, temperature=1.0, top_p=1.0)
+    sampling = dict(engine="vllm", seed=1, n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, param_dtype=None)
     gpu.fail = False
     for _ in range(2):  # two conditions
         assert len(evaluate._generate(str(tiny_model_path), ["a", "b"], sampling, 8, None)) == 2

@@ -38,15 +38,20 @@ def random_logps(seed: int, n: int = 12):
     return pc, pr, rc, rr, kinds, lengths
 
 
+def rejected_lengths(seed: int, n: int = 12):
+    return torch.randint(1, 40, (n,), generator=torch.Generator().manual_seed(seed + 100))
+
+
 @pytest.mark.parametrize("config", SETTINGS)
 @pytest.mark.parametrize("seed", range(3))
 def test_loss_equals_the_closed_form(config, seed):
-    pc, pr, rc, rr, kinds, _ = random_logps(seed)
-    loss, metrics = DittoActorLoss(**config)(pc, pr, rc, rr, kinds)
+    pc, pr, rc, rr, kinds, lc = random_logps(seed)
+    lr = rejected_lengths(seed)
+    loss, metrics = DittoActorLoss(**config)(pc, pr, rc, rr, kinds, lc, rejected_lengths=lr)
     beta, eps = config["beta"], config.get("label_smoothing", 0.0)
     x = (pc - pr) - (rc - rr)
-    if config.get("ipo"):
-        expected = ((x - 1 / (2 * beta)) ** 2).mean()
+    if config.get("ipo"):  # on per-token means (TRL, the IPO paper)
+        expected = ((((pc - rc) / lc - (pr - rr) / lr) - 1 / (2 * beta)) ** 2).mean()
     else:  # -logsigmoid(z) = softplus(-z) = log(1 + exp(-z))
         expected = ((1 - eps) * F.softplus(-beta * x) + eps * F.softplus(beta * x)).mean()
         by_hand = sum((1 - eps) * math.log1p(math.exp(-beta * v)) + eps * math.log1p(math.exp(beta * v)) for v in x)
@@ -55,14 +60,34 @@ def test_loss_equals_the_closed_form(config, seed):
     assert metrics["dpo_loss"] == metrics["loss"] == pytest.approx(expected.item(), rel=1e-9)
 
 
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_ipo_target_does_not_scale_with_length(beta):
+    """IPO's target margin 1/(2 beta) is per token: a pair whose responses are k times as long, with the same
+    per-token log-probs, has the same loss (on summed log-probs its margin grew k times past the target)."""
+    pc, pr, rc, rr, kinds, lc = random_logps(5)
+    lr = rejected_lengths(5)
+    ipo = DittoActorLoss(beta=beta, ipo=True)
+    short, _ = ipo(pc, pr, rc, rr, kinds, lc, rejected_lengths=lr)
+    long, _ = ipo(pc * 4, pr * 4, rc * 4, rr * 4, kinds, lc * 4, rejected_lengths=lr * 4)
+    torch.testing.assert_close(long, short, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="IPO compares per-token log-probs"):
+        ipo(pc, pr, rc, rr, kinds)
+
+
 @pytest.mark.parametrize("config", SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_loss_matches_openrlhf_dpo_loss(config, dtype):
-    pc, pr, rc, rr, kinds, _ = (x.to(dtype) if x.is_floating_point() else x for x in random_logps(7, n=16))
+    """OpenRLHF's DPOLoss on summed log-probs, and for IPO on per-token means (what TRL's IPO hands its loss)."""
+    pc, pr, rc, rr, kinds, lc = (x.to(dtype) if x.is_floating_point() else x for x in random_logps(7, n=16))
+    lr = rejected_lengths(7, n=16)
     pc.requires_grad_(True)
     pr.requires_grad_(True)
-    ours, metrics = DittoActorLoss(**config)(pc, pr, rc, rr, kinds)
-    theirs, chosen_rewards, rejected_rewards = DPOLoss(**config)(pc, pr, rc, rr)
+    ours, metrics = DittoActorLoss(**config)(pc, pr, rc, rr, kinds, lc, rejected_lengths=lr)
+    if config.get("ipo"):
+        theirs, _, _ = DPOLoss(**config)(pc / lc, pr / lr, rc / lc, rr / lr)
+        _, chosen_rewards, rejected_rewards = DPOLoss(config["beta"])(pc, pr, rc, rr)  # the metrics: on sums
+    else:
+        theirs, chosen_rewards, rejected_rewards = DPOLoss(**config)(pc, pr, rc, rr)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert torch.equal(
         torch.stack(torch.autograd.grad(ours, [pc, pr])), torch.stack(torch.autograd.grad(theirs, [pc, pr]))
@@ -119,8 +144,10 @@ def test_nll_term_is_the_mean_per_token_nll_of_demo_chosen_rows(config, coef):
     pc.requires_grad_(True)
     is_demo = kinds != INTER_MODEL
     assert 0 < is_demo.sum() < len(is_demo)
-    base, _ = DittoActorLoss(**config)(pc, pr, rc, rr, kinds, lengths, is_demo)
-    loss, metrics = DittoActorLoss(**config, nll_coef=coef)(pc, pr, rc, rr, kinds, lengths, is_demo)
+    base, _ = DittoActorLoss(**config)(pc, pr, rc, rr, kinds, lengths, is_demo, rejected_lengths=lengths)
+    loss, metrics = DittoActorLoss(**config, nll_coef=coef)(
+        pc, pr, rc, rr, kinds, lengths, is_demo, rejected_lengths=lengths
+    )
     rows = [i for i in range(len(kinds)) if is_demo[i]]
     nll = sum(-pc[i].item() / lengths[i].item() for i in rows) / len(rows)
     assert metrics["demo_nll"] == pytest.approx(nll, rel=1e-9)
@@ -134,7 +161,9 @@ def test_nll_term_is_the_mean_per_token_nll_of_demo_chosen_rows(config, coef):
     torch.testing.assert_close(g_loss - g_base, expected)
     # no demo-chosen row: no NLL term
     none = torch.zeros_like(is_demo)
-    loss, metrics = DittoActorLoss(**config, nll_coef=coef)(pc, pr, rc, rr, kinds, lengths, none)
+    loss, metrics = DittoActorLoss(**config, nll_coef=coef)(
+        pc, pr, rc, rr, kinds, lengths, none, rejected_lengths=lengths
+    )
     assert loss.item() == base.item() and "demo_nll" not in metrics
 
 
@@ -297,7 +326,7 @@ def test_on_pairs_reads_the_pair_batch_layout():
     loss, metrics = loss_fn.on_pairs(logps, batch)
     expected, expected_metrics = loss_fn(
         logps[:B], logps[B:], batch.ref_logps[:B], batch.ref_logps[B:], batch.kinds,
-        batch.action_mask[:B].sum(-1), batch.chosen_is_demo,
+        batch.action_mask[:B].sum(-1), batch.chosen_is_demo, rejected_lengths=batch.action_mask[B:].sum(-1),
     )  # fmt: skip
     assert torch.equal(loss, expected) and metrics == expected_metrics
     assert metrics["replay/count"] == 2 and "demo_nll" in metrics

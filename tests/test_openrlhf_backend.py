@@ -517,3 +517,34 @@ def test_ditto_on_the_real_roles(cluster_roles, tiny_model_path, tmp_path, monke
     for f in (out / "store").glob("*.json"):
         assert f.read_bytes() == (tmp_path / "resumed" / "store" / f.name).read_bytes(), f.name
     assert all(torch.equal(saved[k], resumed[k]) for k in saved), "the resumed run ends with other weights"
+
+
+# Its one complete run (2026-12-02, 22 minutes on a loaded CPU) failed the last assertion: the engines matched the
+# policy, but their greedy tokens were pi_0's and moved by at most 0.004 nats a token, below the 0.02 bf16 tolerance
+# (the tiny model's update at 3e-5 is about 0.01 nats a token, tests/test_bf16.py). Outside CI until it compares
+# the engines' change with the policy's instead.
+@pytest.mark.slow
+@pytest.mark.beyond_ci
+def test_bf16_update_at_the_recipes_lr_reaches_the_engines(cluster_roles, tiny_model_path, tmp_path, monkeypatch):
+    """In bf16 (DeepSpeed's bf16 mode, the engines bf16) at the recipes' LoRA settings (lr 3e-5, r 32, alpha 64, 10
+    steps an iteration): after iteration 1's steps the synced engines continue the fixed prompt as the policy does,
+    and no longer as pi_0 did. At the paper's lr 1e-6 the merged update is below half a bf16 ulp of the tiny model's
+    N(0, 0.02) weights and the engines would go on sampling pi_0 (README, bf16: does the update survive?)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DEMOS))
+    recipe = [
+        "--actor.adam.lr",
+        "3e-5",
+        "--ds.lora.alpha",
+        "64",
+        "--ditto.resample_every",
+        "10",
+        "--ditto.nll_coef",
+        "0",
+    ]
+    args, _, _, checks = run_ditto(tiny_model_path, 2, 32, "run", *recipe)
+    assert args.ds.param_dtype == "bf16" and args.actor.adam.lr == 3e-5
+    for pi_0, pi_1 in zip(checks[0], checks[1]):
+        assert_same_view(pi_1)
+        moved = max(abs(a - b) for a, b in zip(pi_1["engine"], pi_0["engine"]))
+        assert pi_1["tokens"] != pi_0["tokens"] or moved > 0.02, (pi_0, pi_1)  # 0.02: assert_same_view's bf16 noise

@@ -11,6 +11,7 @@ import types
 os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")  # flash-attn without CUDA kernels (CPU install)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from openrlhf_ditto.cli.args import hierarchize  # noqa: E402
 
@@ -216,11 +217,8 @@ def test_ditto_train_step_empties_the_cuda_cache(monkeypatch):
         get_grad_norm=lambda model: 0.5,
     )
 
-    class Actor:
-        def train(self):
-            pass
-
-        def __call__(self, sequences, action_mask, attention_mask):
+    class Actor(torch.nn.Module):
+        def forward(self, sequences, action_mask, attention_mask):
             return action_mask.float() * weight
 
     me = types.SimpleNamespace(
@@ -240,3 +238,32 @@ def test_ditto_train_step_empties_the_cuda_cache(monkeypatch):
     )
     out = backend.DittoPolicyActor.__ray_actor_class__.ditto_train_step(me, batch, 2, 1)
     assert calls == ["backward", "optimizer_step"] * 2 + ["empty_cache"] and out["grad_norm"] == 0.5
+
+
+def test_ray_rollouts_sample_with_the_runs_top_k(tmp_path, monkeypatch):
+    """OpenRLHFBackend.generate hands vLLM --rollout.top_k (default 50, the official DITTO code's) with the other
+    sampling flags; its engines and policy group stood in for, no Ray."""
+    from openrlhf_ditto.cli.train_ditto_ray import build_parser
+
+    def args_of(*flags):
+        argv = ["--actor.model_name_or_path", str(tmp_path), "--data.dataset", str(tmp_path / "d.jsonl"), *flags]
+        return hierarchize(build_parser().parse_args(argv))
+
+    class Engine:
+        def __init__(self):
+            self.params = []
+            self.generate = types.SimpleNamespace(remote=self.remote)
+
+        def remote(self, ids, params):
+            self.params.append(params)
+            return types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[5, 2])] * params.n)
+
+    monkeypatch.setattr(backend.ray, "get", lambda refs: refs)
+    for flags, top_k in [((), 50), (("--rollout.top_k", "-1"), -1), (("--rollout.top_k", "7"), 7)]:
+        engine = Engine()
+        ours = object.__new__(backend.OpenRLHFBackend)
+        ours.args, ours.engines, ours.stop_token_ids = args_of(*flags), [engine], [2]
+        ours.policy = types.SimpleNamespace(async_run_method=lambda name: None)
+        ours.policy_states_on_gpu = True
+        assert ours.generate([torch.tensor([1, 3])] * 2, 3) == [[[5, 2]] * 3] * 2
+        assert [(p.top_k, p.top_p, p.temperature, p.n) for p in engine.params] == [(top_k, 1.0, 1.0, 3)] * 2

@@ -368,3 +368,81 @@ def test_kind_shares_converge_to_the_fractions_over_a_run(batch_size):
         for total, fraction in zip(totals, (0.7, 0.2, 0.1, 0.0)):
             assert abs(total - fraction * n) < 1  # at every step of the run, within one pair of the fractions
     assert n == 60 * batch_size
+
+
+def pool(store: SampleStore, kind: int) -> list[tuple[int, int]]:
+    """Every pair of a kind of two distinct responses, enumerated the obvious way, as (id chosen, id rejected)."""
+    t = store.num_iterations - 1
+    if kind == EXTERNAL:
+        pairs = store.external
+    elif kind == INTER_MODEL:
+        pairs = [
+            (a, b)
+            for p in range(len(store.prompts))
+            for i, j in itertools.combinations(range(t + 1), 2)
+            for a in store.iterations[j][p]
+            for b in store.iterations[i][p]
+        ]
+    else:
+        iterations = [t] if kind == ONLINE else range(t)
+        pairs = [(d, s) for d in store.demos for j in iterations for s in store.iterations[j][d.prompt]]
+    return [(id(a), id(b)) for a, b in pairs if not torch.equal(a.ids, b.ids)]
+
+
+@SETTINGS
+@given(store=stores(unique=False), fractions=fraction_lists(), batch_size=st.integers(1, 40), seed=st.integers(0, 99))
+def test_no_pair_comes_twice_in_a_batch_while_its_kind_has_unused_pairs(store, fractions, batch_size, seed):
+    """The official code draws a batch's pairs without replacement; with replacement, 7 prompts x 4 samples gave
+    8-pair batches ~11% duplicate pairs at the first iteration."""
+    pairs = PairSampler(store, fractions, seed=seed).sample(batch_size)
+    for kind, count in enumerate(kind_counts(batch_size, fractions, store.num_iterations > 1)):
+        drawn = [(id(p.chosen), id(p.rejected)) for p in pairs if p.kind == kind]
+        available = pool(store, kind)
+        assert set(drawn) <= set(available)
+        assert len(set(drawn)) == min(count, len(available))
+        if (
+            available and count
+        ):  # a pair comes again only once all of them are in: the pool, shuffled, as often as needed
+            assert len(drawn) == count
+            assert max(drawn.count(k) for k in drawn) <= -(-count // len(available))
+
+
+def test_first_iteration_batches_have_no_duplicate_pairs():
+    """The issue's setting: 7 prompts x 4 samples, one demo each, 8-pair batches at the first iteration."""
+    g = torch.Generator().manual_seed(0)
+    demos = [Response(p, torch.randint(1, 300, (8,), generator=g), -1.0, False, DEMO) for p in range(7)]
+    store = SampleStore([[p + 1] for p in range(7)], demos)
+    store.add_iteration(
+        [Response(p, torch.randint(1, 300, (8,), generator=g), -1.0, False, 0) for p in range(7) for _ in range(4)]
+    )
+    sampler = PairSampler(store, seed=0)
+    for _ in range(200):
+        keys = signature(sampler.sample(8))
+        assert len(set(keys)) == len(keys) == 8
+
+
+@pytest.mark.parametrize("samples", [1, 4])  # 7 prompts x 1 sample: few enough pairs to enumerate; x 4: drawn
+def test_inter_model_pairs_are_uniform_over_later_earlier_sample_pairs(samples):
+    """At the fourth iteration (t = 3) half of the (later, earlier) sample pairs have the newest samples as chosen
+    (3 of the 6 iteration pairs); drawing the later iteration uniformly first gave them a third."""
+    g = torch.Generator().manual_seed(0)
+    demos = [Response(p, torch.randint(1, 300, (8,), generator=g), -1.0, False, DEMO) for p in range(7)]
+    store = SampleStore([[p + 1] for p in range(7)], demos)
+    for t in range(4):
+        store.add_iteration(
+            [
+                Response(p, torch.randint(1, 300, (8,), generator=g), -1.0, False, t)
+                for p in range(7)
+                for _ in range(samples)
+            ]
+        )
+    sampler = PairSampler(store, (0.0, 0.0, 1.0), seed=0)
+    counts = {}
+    for _ in range(300):
+        for p in sampler.sample(8):
+            key = (p.chosen.iteration, p.rejected.iteration)
+            counts[key] = counts.get(key, 0) + 1
+    n = sum(counts.values())
+    assert sorted(counts) == [(i, j) for i in range(4) for j in range(i)]
+    for key, count in counts.items():
+        assert count / n == pytest.approx(1 / 6, abs=0.02), (key, count / n)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from openrlhf_ditto.backends.sampling import sample_responses
 
@@ -55,17 +55,24 @@ def test_samples_are_valid_and_reproducible(model):
     assert model.training is False
 
 
-@pytest.mark.parametrize("temperature, top_p", [(0.05, 0.5), (0.05, 0.9), (1.0, 0.9), (0.1, 1.0)])
-def test_first_token_follows_hf_temperature_and_top_p(model, temperature, top_p):
-    # (1.0, 0.9): the nucleus is larger than the top-k candidates, so the sampler sorts the vocabulary
+@pytest.mark.parametrize(
+    "temperature, top_p, top_k",
+    [(0.05, 0.5, -1), (0.05, 0.9, -1), (1.0, 0.9, -1), (0.1, 1.0, -1), (1.0, 1.0, 50), (1.0, 1.0, 3), (1.0, 0.9, 50)],
+)
+def test_first_token_follows_hf_temperature_top_k_and_top_p(model, temperature, top_p, top_k):
+    # (1.0, 0.9, -1): the nucleus is larger than the top-k candidates, so the sampler sorts the vocabulary;
+    # top_k 50 is what the official DITTO code samples with (transformers' default), then top_p as HF orders them
     prompt = PROMPTS[0]
     logits = model(prompt[None]).logits[:, -1] / temperature
+    if top_k > 0:
+        logits = TopKLogitsWarper(top_k)(prompt[None], logits)
     expected = TopPLogitsWarper(top_p)(prompt[None], logits).softmax(-1)[0]
     torch.manual_seed(0)
     n = 20000
-    firsts = torch.tensor([r[0] for r in sample_responses(model, [prompt], n, PAD, [], 1, temperature, top_p)[0]])
+    drawn = sample_responses(model, [prompt], n, PAD, [], 1, temperature, top_p, top_k)[0]
+    firsts = torch.tensor([r[0] for r in drawn])
     freq = torch.bincount(firsts, minlength=len(expected)) / n
-    assert bool((freq[expected == 0] == 0).all())  # never outside the nucleus
+    assert bool((freq[expected == 0] == 0).all())  # never outside the top-k and the nucleus
     assert (freq - expected).abs().sum() / 2 < 0.05 + (expected > 0).sum() / n  # total variation, for the noise
 
 
@@ -112,3 +119,29 @@ def test_every_eos_of_the_generation_config_ends_a_sample(tiny_model_path, tmp_p
     stats = maker.make_experience([[got, free[0][:k]]])
     assert [s.truncated for s in store.iterations[0][0]] == [False, True]
     assert stats["samples/truncated_rate"] == 0.5
+
+
+def test_train_and_eval_sample_with_top_k_50_unless_told(tiny_model_path, monkeypatch):
+    """--rollout.top_k reaches our sampler from train's local backend and from eval; its default is the official
+    DITTO code's top-k 50 (transformers' default, which it samples with at temperature 1)."""
+    from openrlhf_ditto import evaluate
+    from openrlhf_ditto.backends import local
+    from openrlhf_ditto.cli.args import hierarchize
+    from openrlhf_ditto.cli.main import build_parser
+
+    seen = []
+
+    def sampler(model, prompts, n, pad, eos, max_new_tokens, temperature, top_p, top_k):
+        seen.append(top_k)
+        return [[[2]] * n for _ in prompts]
+
+    monkeypatch.setattr(local, "sample_responses", sampler)
+    monkeypatch.setattr(evaluate, "sample_responses", sampler)
+    train = ["train", "--actor.model_name_or_path", str(tiny_model_path), "--data.dataset", "d.jsonl"]
+    for flags in ([], ["--rollout.top_k", "-1"]):
+        args = hierarchize(build_parser().parse_args([*train, "--rollout.engine", "torch", *flags]))
+        local.LocalBackend(tiny_model_path, args).generate([torch.tensor([5, 6])], 2)
+    eval_args = hierarchize(build_parser().parse_args(["eval", "--run", "r", "--data.dataset", "d.jsonl"]))
+    sampling = dict(n=1, max_new_tokens=2, temperature=1.0, top_p=1.0, top_k=7, seed=0, engine="torch")
+    evaluate._generate(str(tiny_model_path), ["Beautiful is"], sampling, 1, None)
+    assert seen == [50, -1, 7] and eval_args.rollout.top_k == 50

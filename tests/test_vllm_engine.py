@@ -40,7 +40,7 @@ def test_greedy_tokens_of_vllm_and_our_sampler_agree_before_and_after_a_weight_s
     def greedy(policy, weights=None):
         ours = sample_responses(policy, prompts, 1, tokenizer.pad_token_id, eos, 16, 1.0, GREEDY)
         with torch.no_grad():
-            return engine.generate(prompts, 1, eos, 16, 1.0, GREEDY, weights), ours
+            return engine.generate(prompts, 1, eos, 16, 1.0, GREEDY, weights=weights), ours
 
     theirs, ours = greedy(model)
     assert theirs == ours and all(len(g[0]) == 16 for g in ours)

@@ -1,9 +1,10 @@
 """The local backend: the policies, frozen references and rollouts of one or many runs in one process (plain torch +
 transformers), on one resident copy of the base model.
 
-fp32 on CPU, bf16 on CUDA. With LoRA (the paper's setting) each run has two adapters (backends/lora.py): its SFT
-adapter, frozen after the warm start (pi_0 = the base and it: the run's reference), and its DITTO adapter stacked on
-it (the policy). Every call takes the rows of all runs at once, each row through its own run's adapters: one
+Precision: --ds.param_dtype (`models.param_dtype`; fp32 on CPU, bf16 on CUDA by default); LoRA adapters train in
+fp32, full-parameter training keeps fp32 master weights in bf16 (Fp32MasterAdamW). With LoRA (the paper's setting)
+each run has two adapters (backends/lora.py): its SFT adapter, frozen after the warm start (pi_0 = the base and it:
+the run's reference), and its DITTO adapter stacked on it (the policy). Every call takes the rows of all runs at once, each row through its own run's adapters: one
 forward (and backward) for everyone; each run then steps its own optimiser, lr schedule and gradient clipping, so
 that who else is in the job changes no run's numbers. Full-parameter training (--ds.lora.rank 0) trains the model
 itself, against a frozen copy: one run only.
@@ -29,8 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_ditto.backends.lora import VLLM_MAX_LORAS, Adapters, vllm_max_lora_rank
 from openrlhf_ditto.backends.sampling import sample_responses
-from openrlhf_ditto.loss import DittoActorLoss, sequence_logps
-from openrlhf_ditto.models import eos_token_ids, save_pretrained
+from openrlhf_ditto.loss import DittoActorLoss, sequence_logps, train_without_dropout
+from openrlhf_ditto.models import eos_token_ids, param_dtype, save_pretrained
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch
 from openrlhf_ditto.schedules import lr_scheduler
 
@@ -70,11 +71,42 @@ def _join(batches: list[SequenceBatch], pad: int) -> SequenceBatch:
     return SequenceBatch(*(torch.cat(x) for x in zip(*parts)))
 
 
+class Fp32MasterAdamW(torch.optim.AdamW):
+    """AdamW on fp32 master copies of bf16 parameters, as DeepSpeed's bf16 mode: a step below half a bf16 ulp of a
+    weight (lr 1e-6 on any |w| > 2.4e-4) accumulates in the copy instead of rounding away, and the bf16 parameters
+    the forward uses are the copies rounded. fp32 parameters (peft's adapters, an fp32 model) step in place."""
+
+    def __init__(self, params, **kwargs):
+        self.model_params = list(params)
+        super().__init__([p if p.dtype == torch.float32 else p.detach().float() for p in self.model_params], **kwargs)
+
+    def _copies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(p, m) for p, m in zip(self.model_params, self.param_groups[0]["params"]) if m is not p]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, master in self._copies():
+            master.grad, p.grad = (None if p.grad is None else p.grad.float()), None
+        super().step()
+        for p, master in self._copies():
+            p.copy_(master)
+
+    def state_dict(self) -> dict:  # the copies too: a resumed run goes on from them, not from their rounding
+        return {**super().state_dict(), "fp32_masters": [m for _, m in self._copies()]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        for (_, master), saved in zip(self._copies(), state.pop("fp32_masters", [])):
+            master.copy_(saved)
+        super().load_state_dict(state)
+
+
 class LocalBackend:
     def __init__(self, model_path: str | Path, args: SimpleNamespace):
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = param_dtype(args.ds.param_dtype)
         args.rollout.engine = rollout_engine(args.rollout.engine)  # refused here, before the run folder is claimed
         if args.vllm.enable_sleep and (args.rollout.engine != "vllm" or self.device.type != "cuda"):
             raise ValueError(
@@ -86,7 +118,7 @@ class LocalBackend:
             model_path = json.loads(sft.read_text())["base_model_name_or_path"]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         except (OSError, ValueError) as e:
             raise FileNotFoundError(
                 f"cannot load a Hugging Face causal LM from {model_path!s} ({e}); give a local model folder "
@@ -160,7 +192,7 @@ class LocalBackend:
         d = self.args.ditto
         for run in dict.fromkeys(runs):
             if run not in self.sft_optimizers:
-                optimizer = torch.optim.AdamW(self._trainable(run), lr=d.sft_lr, weight_decay=0.0)
+                optimizer = Fp32MasterAdamW(self._trainable(run), lr=d.sft_lr, weight_decay=0.0)
                 scheduler = lr_scheduler(d.sft_lr_scheduler, optimizer, d.sft_warmup_ratio, d.sft_steps)
                 self.sft_optimizers[run] = (optimizer, scheduler)
         self.model.train()
@@ -198,7 +230,7 @@ class LocalBackend:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.sft_optimizers.pop(run, None)
         opt = self.args.actor
-        optimizer = torch.optim.AdamW(
+        optimizer = Fp32MasterAdamW(
             self._trainable(run), lr=opt.adam.lr, betas=tuple(opt.adam.betas), weight_decay=opt.adam.weight_decay
         )
         steps = self.args.ditto.iterations * self.args.ditto.resample_every
@@ -209,7 +241,7 @@ class LocalBackend:
         one forward and backward; each run's loss on its own rows, with its own batch's means (so that micro-batches
         add up to them), its own gradient clipping, optimiser and lr schedule. Returns each run's metrics."""
         start = time.perf_counter()
-        self.model.train()
+        train_without_dropout(self.model)
         splits = {run: batch.split(self.args.train.micro_batch_size) for run, batch in batches.items()}
         logps = {run: [] for run in batches}
         for k in range(max(len(s) for s in splits.values())):
@@ -272,7 +304,7 @@ class LocalBackend:
         r = self.args.rollout
         if r.engine == "torch":
             return sample_responses(
-                self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p,
+                self.model, prompts, n, self.pad, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, r.top_k,
                 seeds=seeds, route=lambda rows: self._route([runs[i] for i in rows.tolist()]),
             )  # fmt: skip
         from openrlhf_ditto.backends.vllm_engine import VLLMEngine, weights_for_sync
@@ -286,8 +318,9 @@ class LocalBackend:
             rank = vllm_max_lora_rank(2 * self.args.ds.lora.rank) if self.lora else 0
             at_once = min(len(set(runs)), VLLM_MAX_LORAS)
             self.vllm = VLLMEngine(
-                self.model_path, self.args.data.max_len, self.args.train.seed, share, v.enable_sleep, rank, at_once
-            )
+                self.model_path, self.args.data.max_len, self.args.train.seed, share, v.enable_sleep, rank, at_once,
+                dtype=self.dtype,
+            )  # fmt: skip
             self.sync_dir = tempfile.TemporaryDirectory(prefix="ditto-adapters-")
         if not self.lora:  # every weight, cast to the engine's dtype
             weights = weights_for_sync(self.model, self.vllm.dtype)

@@ -34,7 +34,7 @@ from openrlhf.trainer.ray.ppo_actor import PolicyModelActor  # noqa: E402
 from openrlhf.utils import get_strategy  # noqa: E402
 
 from openrlhf_ditto.backends.vllm_engine import weights_for_sync  # noqa: E402
-from openrlhf_ditto.loss import DittoActorLoss  # noqa: E402
+from openrlhf_ditto.loss import DittoActorLoss, train_without_dropout  # noqa: E402
 from openrlhf_ditto.models import eos_token_ids  # noqa: E402
 from openrlhf_ditto.pairs import PairBatch, SequenceBatch  # noqa: E402
 from openrlhf_ditto.schedules import lr_scheduler  # noqa: E402
@@ -123,7 +123,7 @@ class DittoPolicyActor(PolicyModelActor.__ray_actor_class__):
         device = torch.cuda.current_device()
         scale = self.strategy.accumulated_gradient * self.strategy.world_size
         lr = self.actor_scheduler.get_last_lr()[0]
-        self.actor.train()
+        train_without_dropout(self.actor)
         chosen, rejected = [], []
         for mb in batch.split(args.train.micro_batch_size):
             mb = mb.to(device)
@@ -305,6 +305,7 @@ class OpenRLHFBackend:
                 n=n,
                 temperature=r.temperature,
                 top_p=r.top_p,
+                top_k=r.top_k,
                 max_tokens=r.max_new_tokens,
                 stop_token_ids=self.stop_token_ids,
                 seed=seed,

@@ -7,8 +7,8 @@ A hand-written decode loop rather than `model.generate(num_return_sequences=n)`,
     new tensor in every layer at every step;
   - attention takes the grouped K/V heads as they are (see `_grouped_sdpa`);
   - a token is drawn by inverse CDF, in place on the step's logits: `torch.multinomial` over the vocabulary
-    costs about half a forward step on CPU. top_p < 1 takes a partial top-k instead of sorting the vocabulary,
-    and sorts only when the nucleus is larger than that;
+    costs about half a forward step on CPU. top_k draws among the k likeliest tokens (`topk`, sorted); top_p < 1
+    takes a partial top-k instead of sorting the vocabulary, and sorts only when the nucleus is larger than that;
   - rows that emitted EOS leave the batch once they are an eighth of it (dropping them copies the cache).
 """
 
@@ -85,18 +85,23 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys, self.values = keys[:, :, : self.length], values[:, :, : self.length]
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature), restricted to the top_p nucleus as in HF's
-    `TopPLogitsWarper`: a token is kept when the probability of the tokens more likely than it is < top_p.
-    `u`: a uniform draw in [0, 1) per row. Overwrites `logits`."""
+def _draw(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, u: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), restricted to the top_k likeliest tokens (-1: all) and
+    then to the top_p nucleus of those, as HF's `TopKLogitsWarper` then `TopPLogitsWarper` (and vLLM): a token is
+    kept when the probability of the tokens more likely than it is < top_p. `u`: a uniform draw in [0, 1) per row.
+    Overwrites `logits`."""
     weights = logits.float().sub_(logits.amax(-1, keepdim=True)).div_(temperature).exp_()  # softmax, unnormalised
     ids = None
+    if 0 < top_k < weights.shape[-1]:
+        weights, ids = weights.topk(top_k)
     if top_p < 1:
         mass = top_p * weights.sum(-1, keepdim=True)
-        top, ids = weights.topk(min(_TOP_K, weights.shape[-1]))
-        if (top.sum(-1, keepdim=True) < mass).any():  # some nucleus reaches past the top-k
-            top, ids = weights.sort(-1, descending=True)
-        weights = top.masked_fill_(top.cumsum(-1) - top >= mass, 0)
+        if ids is None:
+            top, ids = weights.topk(min(_TOP_K, weights.shape[-1]))
+            if (top.sum(-1, keepdim=True) < mass).any():  # some nucleus reaches past the top-k
+                top, ids = weights.sort(-1, descending=True)
+            weights = top
+        weights = weights.masked_fill_(weights.cumsum(-1) - weights >= mass, 0)
     cdf = weights.cumsum_(-1)
     u = u.to(cdf.device)[:, None] * cdf[:, -1:]
     picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
@@ -113,6 +118,7 @@ def sample_responses(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = -1,
     seeds: list[int] | None = None,
     route=None,
 ) -> list[list[list[int]]]:
@@ -155,7 +161,7 @@ def sample_responses(
         responses: list[list[int]] = [[] for _ in range(len(rows))]
         for step in tqdm(range(max_new_tokens), desc=f"sampling {len(prompts)} prompts x {n}", leave=False):
             u = torch.cat([torch.rand(n, generator=g) for g in generators])  # every prompt's n, while any runs
-            tokens = _draw(logits, temperature, top_p, u[rows.cpu()])
+            tokens = _draw(logits, temperature, top_p, top_k, u[rows.cpu()])
             for r, t, d in zip(rows.tolist(), tokens.tolist(), done.tolist()):
                 if not d:
                     responses[r].append(t)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import vllm
 
+from openrlhf_ditto.models import param_dtype
+
 # vLLM logs every stage of its start, and a warning for each layer a partial reload leaves as it was: keep the run's
 # screen to its own progress bars unless the user asks for vLLM's logs.
 if "VLLM_LOGGING_LEVEL" not in os.environ:
@@ -67,7 +69,7 @@ def _reload(worker, weights) -> None:
 
 
 class VLLMEngine:
-    """An in-process vLLM engine for `model_path`: bf16 on CUDA, fp32 on CPU (the local backend's dtypes).
+    """An in-process vLLM engine for `model_path`, in `dtype` (`models.param_dtype`: bf16 on CUDA, fp32 on CPU).
 
     `gpu_memory_utilization` is vLLM's share of the GPU's memory (the policy, its optimizer and the reference share
     the rest); on CPU it is the share of RAM for the KV cache. `enable_sleep` (GPU only) frees the KV cache and moves
@@ -85,9 +87,10 @@ class VLLMEngine:
         enable_sleep: bool = False,
         max_lora_rank: int = 0,
         max_loras: int = 1,
+        dtype: torch.dtype | None = None,
     ):
         cuda = torch.cuda.is_available()
-        self.dtype = torch.bfloat16 if cuda else torch.float32
+        self.dtype = dtype or param_dtype(None)
         self.enable_sleep = enable_sleep
         memory = {"gpu_memory_utilization": gpu_memory_utilization}
         self.adapter = None
@@ -139,6 +142,7 @@ class VLLMEngine:
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = -1,
         weights=None,
         seeds: list[int] | None = None,
         lora_requests: list | None = None,
@@ -169,6 +173,7 @@ class VLLMEngine:
                 n=n,
                 temperature=temperature,
                 top_p=top_p,
+                top_k=top_k,
                 max_tokens=max_new_tokens,
                 stop_token_ids=sorted(stop_token_ids),
                 seed=seed,
@@ -182,6 +187,24 @@ class VLLMEngine:
         if self.enable_sleep:
             self.llm.sleep(level=1)
         return [[list(o.token_ids) for o in out.outputs] for out in outputs]
+
+    def logps(self, prompts: list[torch.Tensor], responses: list[torch.Tensor], weights=None) -> torch.Tensor:
+        """Summed log-probs of each response after its prompt, as the engine computes them (its prompt log-probs:
+        what it samples from), after loading `weights` as `generate` does."""
+        from vllm import SamplingParams
+
+        if weights is not None:
+            self.llm.collective_rpc(_reload, args=(weights,))
+            self.llm.reset_prefix_cache()
+        ids = [torch.cat([p, r]).tolist() for p, r in zip(prompts, responses)]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        return torch.tensor(
+            [
+                sum(o.prompt_logprobs[i][x[i]].logprob for i in range(len(p), len(x)))
+                for o, x, p in zip(outs, ids, prompts)
+            ]
+        )
 
     def close(self) -> None:
         """Free the engine's memory (its KV cache above all), so another engine can start in this process."""

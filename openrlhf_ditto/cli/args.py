@@ -100,6 +100,14 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rollout.temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     g.add_argument("--rollout.top_p", type=float, default=1.0, help="nucleus sampling top_p (default: 1.0)")
     g.add_argument(
+        "--rollout.top_k",
+        type=int,
+        default=50,
+        help="sample among the k likeliest tokens, -1: all (default: 50, as the official DITTO code samples: at "
+        "temperature 1 with transformers' default top-k, which Mistral's generation config keeps; the full "
+        "distribution's heavy tail makes a small model's samples easy to rank below the demos)",
+    )
+    g.add_argument(
         "--rollout.micro_batch_size",
         type=int,
         default=8,
@@ -119,7 +127,13 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--train.seed", type=int, default=42, help="seed of sampling, pair drawing and adapter init (default: 42)"
     )
-    g.add_argument("--actor.adam.lr", type=float, default=1e-6, help="DITTO learning rate (paper: 1e-6)")
+    g.add_argument(
+        "--actor.adam.lr",
+        type=float,
+        default=None,
+        help="DITTO learning rate (default: 3e-5 with LoRA, 1e-6 full-parameter; paper: 1e-6, which bf16 rounds away "
+        "with LoRA: README, bf16: does the update survive?)",
+    )
     g.add_argument(
         "--actor.adam.betas", type=float, nargs=2, default=(0.9, 0.95), help="Adam betas (default: 0.9 0.95)"
     )
@@ -198,7 +212,11 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ditto.label_smoothing", type=float, default=0.0, help="cDPO label smoothing (default: 0, plain DPO)"
     )
-    g.add_argument("--ditto.ipo", action="store_true", help="use the IPO loss instead of DPO")
+    g.add_argument(
+        "--ditto.ipo",
+        action="store_true",
+        help="use the IPO loss instead of DPO (on per-token mean log-probs, as TRL and the IPO paper)",
+    )
     g.add_argument(
         "--ditto.nll_coef", type=float, default=0.0, help="weight of an NLL term on the demos' tokens (default: 0)"
     )
@@ -238,8 +256,19 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--logger.wandb.run_name", default="ditto", help="W&B run name")
 
 
+def add_param_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ds.param_dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="dtype of the models and of vLLM (bf16 trains against fp32 master weights, as DeepSpeed's bf16 mode; "
+        "bf16 runs on a CPU too) (default: bf16 on a GPU, fp32 on a CPU)",
+    )
+
+
 def hierarchize(args: argparse.Namespace) -> SimpleNamespace:
-    """`args.actor.adam.lr` from the flat dest "actor.adam.lr", as OpenRLHF's `openrlhf.utils.config.hierarchize`."""
+    """`args.actor.adam.lr` from the flat dest "actor.adam.lr", as OpenRLHF's `openrlhf.utils.config.hierarchize`;
+    an unset --actor.adam.lr becomes 3e-5 with LoRA, 1e-6 full-parameter."""
     root: dict = {}
     for key, value in vars(args).items():
         *parents, leaf = key.split(".")
@@ -251,7 +280,12 @@ def hierarchize(args: argparse.Namespace) -> SimpleNamespace:
     def build(x):
         return SimpleNamespace(**{k: build(v) for k, v in x.items()}) if isinstance(x, dict) else x
 
-    return build(root)
+    args = build(root)
+    # the one default that depends on another flag: published LoRA practice is ~10x the full-parameter lr, and bf16
+    # rounds a LoRA update at the paper's 1e-6 away (README, bf16: does the update survive?)
+    if getattr(getattr(getattr(args, "actor", None), "adam", None), "lr", 0) is None:
+        args.actor.adam.lr = 3e-5 if args.ds.lora.rank > 0 else 1e-6
+    return args
 
 
 def check_ranges(rows: list[tuple[str, float | None, str, str]]) -> None:
@@ -298,11 +332,12 @@ def validate(args: SimpleNamespace) -> None:
             ("--rollout.max_new_tokens", r.max_new_tokens, ">= 1", "default: 512"),
             ("--rollout.temperature", r.temperature, "> 0", "default: 1.0"),
             ("--rollout.top_p", r.top_p, "(0, 1]", "default: 1.0"),
+            ("--rollout.top_k", r.top_k, ">= -1", "-1: off; default: 50"),
             ("--rollout.micro_batch_size", r.micro_batch_size, ">= 1", "default: 8"),
             ("--train.batch_size", t.batch_size, ">= 1", "paper: 24"),
             ("--train.micro_batch_size", t.micro_batch_size, ">= 1", "default: 8"),
             ("--train.seed", t.seed, ">= 0", "default: 42"),
-            ("--actor.adam.lr", a.adam.lr, "> 0", "paper: 1e-6"),
+            ("--actor.adam.lr", a.adam.lr, "> 0", "default: 3e-5 with LoRA, 1e-6 full-parameter"),
             *(("--actor.adam.betas", beta, "[0, 1)", "default: 0.9 0.95") for beta in a.adam.betas),
             ("--actor.adam.weight_decay", a.adam.weight_decay, ">= 0", "default: 0"),
             ("--actor.lr_warmup_ratio", a.lr_warmup_ratio, "[0, 1]", "paper: 0.25"),

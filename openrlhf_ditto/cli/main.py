@@ -11,6 +11,7 @@ from openrlhf_ditto import __version__
 from openrlhf_ditto.cli.args import (
     Parser,
     add_ditto_args,
+    add_param_dtype_arg,
     check_input_template,
     check_ranges,
     exit_codes,
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dry_run", action="store_true", help="check the flags and demos, print the memory plan, and stop"
     )
+    add_param_dtype_arg(train.add_argument_group("precision"))
     g = train.add_argument_group("rollout engine: what samples from the policy, in this process")
     g.add_argument(
         "--rollout.engine",
@@ -160,6 +162,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rollout.temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     g.add_argument("--rollout.top_p", type=float, default=1.0, help="nucleus sampling top_p (default: 1.0)")
     g.add_argument(
+        "--rollout.top_k",
+        type=int,
+        default=50,
+        help="sample among the k likeliest tokens, -1: all (default: 50, as train and the official DITTO code)",
+    )
+    g.add_argument(
         "--rollout.batch_size", type=int, default=8, help="prompts sampled together, each N times (default: 8)"
     )
     g.add_argument(
@@ -202,6 +210,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="openai: retries of a failed request, 1, 2, 4... s apart (default: 4)",
     )
     g.add_argument("--judge.batch_size", type=int, default=8, help="local: judgments per forward (default: 8)")
+    g.add_argument(
+        "--judge.profile",
+        choices=("demos", "heldout"),
+        default="demos",
+        help="style: the user's writing each output is compared with, besides the prompt's own held-out response: "
+        "the run's demos, or the held-out answers alone (not what SFT trained on) (default: demos)",
+    )
+    add_param_dtype_arg(parser.add_argument_group("precision of the conditions' models"))
 
 
 def validate_eval(args) -> None:
@@ -214,6 +230,7 @@ def validate_eval(args) -> None:
             ("--rollout.max_new_tokens", r.max_new_tokens, ">= 1", "default: the run's"),
             ("--rollout.temperature", r.temperature, "> 0", "paper: 1.0"),
             ("--rollout.top_p", r.top_p, "(0, 1]", "default: 1.0"),
+            ("--rollout.top_k", r.top_k, ">= -1", "-1: off; default: 50"),
             ("--rollout.batch_size", r.batch_size, ">= 1", "default: 8"),
             ("--vllm.gpu_memory_utilization", args.vllm.gpu_memory_utilization, "(0, 1]", "default: 0.9, 0.1 on CPU"),
             ("--judge.concurrency", j.concurrency, ">= 1", "default: 8"),
@@ -258,6 +275,7 @@ def add_serve_reward_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="longest query in tokens; longer ones are refused (default: the run's --data.max_len, else 2048)",
     )
+    add_param_dtype_arg(g)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, as serve_rm)")
     g.add_argument("--port", type=int, default=5000, help="port (default: 5000, as serve_rm)")
