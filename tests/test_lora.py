@@ -102,7 +102,9 @@ def test_a_batched_step_equals_each_user_alone(tiny_model_path, one_thread, chec
             assert metrics[uid]["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5), (uid, k)
         for name in (f"{uid}/sft", f"{uid}/ditto"):
             for a, b in zip(job.adapters.params(name), alone.adapters.params(name), strict=True):
-                assert (a - b).abs().max() <= 1e-6, name
+                # Adam divides each gradient by its own size: a gradient at rounding level (1e-9) moves its weight
+                # by a share of the lr (1e-2 here), so the bound is 1e-3 of the lr
+                assert (a - b).abs().max() <= 1e-5, name
         assert job.optimizers[uid][1].last_epoch == alone.optimizers[uid][1].last_epoch, "each user's own schedule"
     moved = [p for p in job.adapters.params("bob/ditto")[1::2]]
     assert any(p.abs().max() > 0 for p in moved), "bob's DITTO adapter trained"
