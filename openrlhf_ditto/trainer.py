@@ -438,15 +438,15 @@ def run_ditto(args: SimpleNamespace, backend: Backend, runs: list[Run], tokenize
                 for run in active:
                     if run.stopped:
                         continue
-                    # |log pi - log pi_ref| after one update (step 2) and at iteration 1's end: an update that
+                    # |log pi - log pi_ref| after two updates (step 3) and at iteration 1's end: an update that
                     # survives the dtype's rounding grows with every step, rounding noise stays where it was (README,
                     # bf16: does the update survive?)
                     shifts = [m["logratio_abs"] for m in run.history if m["prefix"] == "train"]
-                    if t == 0 and run.resume_from is None and len(shifts) >= 3 and shifts[-1] < 2 * shifts[1]:
+                    if t == 0 and run.resume_from is None and len(shifts) >= 4 and shifts[-1] < 2 * shifts[2]:
                         print(
                             f"warning: {_who(run)}after iteration 1 the policy's log-probs differ from the "
-                            f"reference's by {shifts[-1]:.2g} nats a sequence, about as much as after one step "
-                            f"({shifts[1]:.2g}): "
+                            f"reference's by {shifts[-1]:.2g} nats a sequence, about as much as after two steps "
+                            f"({shifts[2]:.2g}): "
                             f"the update is lost to rounding; raise --actor.adam.lr (now {args.actor.adam.lr:g}; "
                             "README, bf16: does the update survive?)",
                             file=sys.stderr,

@@ -46,14 +46,15 @@ def batch():
 
 def local_gradient(model_path, batch, micro: int) -> dict[str, torch.Tensor]:
     backend = LocalBackend(model_path, train_args(model_path, micro))
-    backend.freeze_reference(None)
+    backend.add_run("")
+    backend.freeze_reference("", None)
     grads = {}
 
     def capture(optimizer, args, kwargs):
         grads.update({n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None})
 
-    backend.optimizer.register_step_pre_hook(capture)
-    backend.train_step(batch)
+    backend.optimizers[""][0].register_step_pre_hook(capture)
+    backend.train_step({"": batch})
     return grads
 
 

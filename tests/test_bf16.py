@@ -4,6 +4,8 @@ training keeps fp32 master weights. The tiny model's weights are N(0, 0.02), as 
 half a bf16 ulp of them (the paper's lr 1e-6 over 10 steps) rounds away, which `test_lr_whose_update_rounds_away`
 shows the measurement can see."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -50,18 +52,28 @@ def rows(store):
 def train(backend, store) -> None:
     """STEPS DITTO steps from pi_0 on pairs drawn with a fixed seed, reference log-probs from this backend."""
     prompts, responses = rows(store)
-    ref = backend.reference_logps([collate(prompts, responses, backend.pad)])
+    ref = backend.reference_logps([collate(prompts, responses, backend.pad)], [[""] * len(prompts)])
     for r, logp in zip(responses_of(store), ref.tolist()):
         r.ref_logp = logp
     sampler = PairSampler(store, seed=0)
     for _ in range(STEPS):
-        backend.train_step(collate_pairs(sampler.sample(8), store, backend.pad))
+        backend.train_step({"": collate_pairs(sampler.sample(8), store, backend.pad)})
 
 
 def logratio(backend, store) -> torch.Tensor:
     """log pi - log pi_ref of every stored row, as the loss sees it."""
-    batch = collate(*rows(store), backend.pad)
-    return backend.policy_logps([batch]) - backend.reference_logps([batch])
+    prompts, responses = rows(store)
+    batch, runs = collate(prompts, responses, backend.pad), [[""] * len(prompts)]
+    return backend.policy_logps([batch], runs) - backend.reference_logps([batch], runs)
+
+
+def engine_logps(backend, prompts, responses) -> torch.Tensor:
+    """The vLLM engine's log-probs of the rows through the adapter the last sampling synced (the run's policy)."""
+    from vllm.lora.request import LoRARequest
+
+    i = backend.loaded[""]
+    request = LoRARequest(f"run{i}", i, str(Path(backend.sync_dir.name) / f"run{i}"))
+    return backend.vllm.logps(prompts, responses, lora_requests=[request] * len(prompts))
 
 
 def share(d: torch.Tensor, d32: torch.Tensor) -> float:
@@ -76,8 +88,9 @@ def survival(model_path, store, tmp_path, lr: str) -> dict[str, float]:
     from openrlhf_ditto.backends.vllm_engine import VLLMEngine
 
     fp32 = LocalBackend(model_path, backend_args(model_path, "fp32", "--actor.adam.lr", lr))
+    fp32.add_run("")
     torch.manual_seed(0)  # the fresh adapter's A: the same in both runs, as the trainer seeds it
-    fp32.freeze_reference(None)
+    fp32.freeze_reference("", None)
     train(fp32, store)
     d32 = logratio(fp32, store)
 
@@ -85,19 +98,20 @@ def survival(model_path, store, tmp_path, lr: str) -> dict[str, float]:
                         "--vllm.gpu_memory_utilization", "0.02", "--rollout.max_new_tokens", "1",
                         "--data.max_len", "64")  # fmt: skip
     bf16 = LocalBackend(model_path, args)
-    assert bf16.model.base_model.model.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    bf16.add_run("")
     torch.manual_seed(0)
-    bf16.freeze_reference(tmp_path / "reference")
+    bf16.freeze_reference("", tmp_path / "reference")
     prompts, responses = rows(store)
-    bf16.generate(prompts[:1], 1)  # builds the engine at pi_0
+    bf16.generate(prompts[:1], 1, [""], [0])  # builds the engine at pi_0
     assert isinstance(bf16.vllm, VLLMEngine) and bf16.vllm.dtype == torch.bfloat16
-    before = bf16.vllm.logps(prompts, responses)
+    before = engine_logps(bf16, prompts, responses)
     train(bf16, store)
     policy = logratio(bf16, store)
-    bf16.generate(prompts[:1], 1)  # syncs the policy's weights, as before each iteration's sampling
-    engine = bf16.vllm.logps(prompts, responses) - before
+    bf16.generate(prompts[:1], 1, [""], [0])  # syncs the policy's adapter, as before each iteration's sampling
+    engine = engine_logps(bf16, prompts, responses) - before
     bf16.vllm.close()
-    bf16.save_model(tmp_path / "final")
+    bf16.save_model("", tmp_path / "final")
 
     batch = collate(prompts, responses, bf16.pad)
 
@@ -133,15 +147,16 @@ def test_full_parameter_bf16_step_moves_the_weights_an_fp32_step_moves(tiny_mode
     for dtype in ("fp32", "bf16"):
         backend = LocalBackend(tiny_model_path, backend_args(tiny_model_path, dtype, "--ds.lora.rank", "0"))
         assert backend.args.actor.adam.lr == 1e-6
-        backend.freeze_reference(None)
-        weights = backend.optimizer.param_groups[0]["params"]  # what the optimiser steps
+        backend.add_run("")
+        backend.freeze_reference("", None)
+        weights = backend.optimizers[""][0].param_groups[0]["params"]  # what the optimiser steps
         start = [w.detach().float().clone() for w in weights]
         train(backend, store)
         moved[dtype] = torch.cat([(w.detach().float() - s).flatten() for w, s in zip(weights, start)])
         if dtype == "bf16":
             for p in backend.model.parameters():
                 assert p.dtype == torch.bfloat16
-            for p, w in zip(backend._trainable(), weights):
+            for p, w in zip(backend._trainable(""), weights):
                 assert torch.equal(p, w.to(torch.bfloat16)), "the forward's weights are the masters rounded"
     cosine = torch.nn.functional.cosine_similarity(moved["fp32"], moved["bf16"], dim=0).item()
     assert cosine > 0.9 and (moved["bf16"] != 0).float().mean() > 0.5, cosine
@@ -181,6 +196,7 @@ def test_serve_reward_and_eval_run_in_bf16(tiny_model_path, one_thread):
     reward = DittoReward(tiny_model_path, tiny_model_path, beta=0.1, dtype=served.ds.param_dtype)
     assert reward.policy.dtype == torch.bfloat16 and reward.reference.dtype == torch.bfloat16
     assert reward(reward.tokenize(["Errors should never pass silently."], ["Errors"])) == [0.0]  # pi is pi_ref
-    sampling = dict(n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0, engine="torch", param_dtype="bf16")
+    sampling = dict(n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=50, seed=0, engine="torch")
+    sampling["param_dtype"] = "bf16"
     generations = _generate(str(tiny_model_path), ["Beautiful is"], sampling, 1, None)
     assert len(generations[0]["samples"]) == 2

@@ -68,9 +68,11 @@ def test_local_step_sees_no_margin_at_step_0(gpt2_path, flags):
     argv = ["train", "--actor.model_name_or_path", str(gpt2_path), "--data.dataset", "d.jsonl", "--train.batch_size",
             "6", "--train.micro_batch_size", "3", "--rollout.engine", "torch", *flags]  # fmt: skip
     backend = LocalBackend(gpt2_path, hierarchize(build_parser().parse_args(argv)))
-    backend.freeze_reference(None)
+    backend.add_run("")
+    backend.freeze_reference("", None)
     torch.manual_seed(0)
-    metrics = backend.train_step(pair_batch(lambda b: backend.reference_logps([b])))
+    batch = pair_batch(lambda b: backend.reference_logps([b], [[""] * len(b.sequences)]))
+    metrics = backend.train_step({"": batch})[""]
     assert metrics["margin"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 

@@ -265,5 +265,5 @@ def test_ray_rollouts_sample_with_the_runs_top_k(tmp_path, monkeypatch):
         ours.args, ours.engines, ours.stop_token_ids = args_of(*flags), [engine], [2]
         ours.policy = types.SimpleNamespace(async_run_method=lambda name: None)
         ours.policy_states_on_gpu = True
-        assert ours.generate([torch.tensor([1, 3])] * 2, 3) == [[[5, 2]] * 3] * 2
+        assert ours.generate([torch.tensor([1, 3])] * 2, 3, [""] * 2, [0, 1]) == [[[5, 2]] * 3] * 2
         assert [(p.top_k, p.top_p, p.temperature, p.n) for p in engine.params] == [(top_k, 1.0, 1.0, 3)] * 2

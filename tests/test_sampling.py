@@ -131,7 +131,7 @@ def test_train_and_eval_sample_with_top_k_50_unless_told(tiny_model_path, monkey
 
     seen = []
 
-    def sampler(model, prompts, n, pad, eos, max_new_tokens, temperature, top_p, top_k):
+    def sampler(model, prompts, n, pad, eos, max_new_tokens, temperature, top_p, top_k, *rest, **kwargs):
         seen.append(top_k)
         return [[[2]] * n for _ in prompts]
 
@@ -140,8 +140,11 @@ def test_train_and_eval_sample_with_top_k_50_unless_told(tiny_model_path, monkey
     train = ["train", "--actor.model_name_or_path", str(tiny_model_path), "--data.dataset", "d.jsonl"]
     for flags in ([], ["--rollout.top_k", "-1"]):
         args = hierarchize(build_parser().parse_args([*train, "--rollout.engine", "torch", *flags]))
-        local.LocalBackend(tiny_model_path, args).generate([torch.tensor([5, 6])], 2)
+        backend = local.LocalBackend(tiny_model_path, args)
+        backend.add_run("")
+        backend.generate([torch.tensor([5, 6])], 2, [""], [0])
     eval_args = hierarchize(build_parser().parse_args(["eval", "--run", "r", "--data.dataset", "d.jsonl"]))
     sampling = dict(n=1, max_new_tokens=2, temperature=1.0, top_p=1.0, top_k=7, seed=0, engine="torch")
+    sampling["param_dtype"] = None
     evaluate._generate(str(tiny_model_path), ["Beautiful is"], sampling, 1, None)
     assert seen == [50, -1, 7] and eval_args.rollout.top_k == 50

