@@ -242,11 +242,13 @@ def test_a_damaged_run_config_is_named(run, tiny_model_path, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     (copy / "run_config.json").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text('{"prompt": "Why?", "response": "Because."}\n')
     msg = refused(main, ["export-pairs", str(copy), "--out", str(tmp_path / "pairs.jsonl")], capsys)
     assert msg.startswith(f"{copy / 'run_config.json'} is not valid JSON (Extra data: line 2 column 1")
     msg = refused(
         main,
-        [*train_argv(tiny_model_path), "--ckpt.output_dir", str(copy), "--resume", "--data.dataset", str(tmp_path)],
+        [*train_argv(tiny_model_path), "--ckpt.output_dir", str(copy), "--resume", "--data.dataset", str(demos)],
         capsys,
     )
     assert msg.startswith(f"{copy / 'run_config.json'} is not valid JSON")

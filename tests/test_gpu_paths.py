@@ -49,7 +49,8 @@ def test_eval_gives_each_conditions_engine_what_is_free(tiny_model_path, monkeyp
             gpu.used, Engine.alive = 10 * GB, 0  # what the engine left behind
 
     monkeypatch.setitem(sys.modules, "openrlhf_ditto.backends.vllm_engine", types.SimpleNamespace(VLLMEngine=Engine))
-    sampling = dict(engine="vllm", seed=1, n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, param_dtype=None)
+    sampling = dict(engine="vllm", seed=1, n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=50)
+    sampling["param_dtype"] = None
     gpu.fail = False
     for _ in range(2):  # two conditions
         assert len(evaluate._generate(str(tiny_model_path), ["a", "b"], sampling, 8, None)) == 2
