@@ -160,6 +160,15 @@ class SequenceBatch:
     def to(self, device) -> "SequenceBatch":
         return type(self)(**{k: v.to(device) for k, v in vars(self).items()})
 
+    def select(self, rows: torch.Tensor) -> "SequenceBatch":
+        """These rows, trimmed of the columns that are padding in all of them."""
+        first = int(self.attention_mask[rows].any(0).nonzero()[0])
+        R = int(self.action_mask[rows].any(0).nonzero()[-1]) + 1
+        end = self.sequences.shape[1] - self.action_mask.shape[1] + R
+        return SequenceBatch(
+            self.sequences[rows, first:end], self.attention_mask[rows, first:end], self.action_mask[rows, :R]
+        )
+
 
 def collate(prompts: list[torch.Tensor], responses: list[torch.Tensor], pad_token_id: int) -> SequenceBatch:
     # A few whole-batch ops instead of four slice copies per row: a 48-row batch takes ~0.1 ms, not ~0.8 ms.
@@ -187,27 +196,21 @@ class PairBatch(SequenceBatch):
     truncated: torch.Tensor  # [2B] bool: responses cut at the length budget (no EOS)
 
     def split(self, size: int) -> list["PairBatch"]:
-        """Micro-batches of at most `size` pairs, each chosen-then-rejected and trimmed of all-padding columns."""
+        """Micro-batches of at most `size` pairs."""
         B = len(self.kinds)
-        out = []
-        for i in range(0, B, size):
-            j = min(i + size, B)
-            rows = torch.cat([torch.arange(i, j), torch.arange(B + i, B + j)])
-            first = int(self.attention_mask[rows].any(0).nonzero()[0])
-            R = int(self.action_mask[rows].any(0).nonzero()[-1]) + 1
-            end = self.sequences.shape[1] - self.action_mask.shape[1] + R
-            out.append(
-                PairBatch(
-                    sequences=self.sequences[rows, first:end],
-                    attention_mask=self.attention_mask[rows, first:end],
-                    action_mask=self.action_mask[rows, :R],
-                    ref_logps=self.ref_logps[rows],
-                    kinds=self.kinds[i:j],
-                    chosen_is_demo=self.chosen_is_demo[i:j],
-                    truncated=self.truncated[rows],
-                )
-            )
-        return out
+        return [self.pairs(i, min(i + size, B)) for i in range(0, B, size)]
+
+    def pairs(self, i: int, j: int) -> "PairBatch":
+        """Pairs i..j-1, chosen-then-rejected, trimmed of all-padding columns."""
+        B = len(self.kinds)
+        rows = torch.cat([torch.arange(i, j), torch.arange(B + i, B + j)])
+        return PairBatch(
+            **vars(SequenceBatch.select(self, rows)),
+            ref_logps=self.ref_logps[rows],
+            kinds=self.kinds[i:j],
+            chosen_is_demo=self.chosen_is_demo[i:j],
+            truncated=self.truncated[rows],
+        )
 
 
 def collate_pairs(pairs: list[Pair], store: SampleStore, pad_token_id: int) -> PairBatch:

@@ -78,7 +78,8 @@ def join(backend: LocalBackend, uid: str, store: SampleStore, sft_steps: int = 2
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient checkpointing"])
 def test_a_batched_step_equals_each_user_alone(tiny_model_path, one_thread, checkpointing):
     """alice trains a step alone, then bob joins (SFT, pi_0) and both train two steps together, alice on 6 pairs and
-    bob on 3 (micro-batches of 4: her second micro-batch goes alone); the same steps as a job of each of them alone.
+    bob on 3 (forwards of 4 pairs: her last 2 share one with bob's first 2); the same steps as a job of each of them
+    alone.
     """
     extra = ["--actor.gradient_checkpointing_enable"] if checkpointing else []
     users = {"alice": user_data(1, 3), "bob": user_data(2, 2)}
@@ -108,6 +109,38 @@ def test_a_batched_step_equals_each_user_alone(tiny_model_path, one_thread, chec
         assert job.optimizers[uid][1].last_epoch == alone.optimizers[uid][1].last_epoch, "each user's own schedule"
     moved = [p for p in job.adapters.params("bob/ditto")[1::2]]
     assert any(p.abs().max() > 0 for p in moved), "bob's DITTO adapter trained"
+
+
+def test_forwards_hold_several_users_and_never_more_than_the_micro_batch(tiny_model_path, one_thread):
+    """Three users' SFT rows and pairs go through forwards of at most --train.micro_batch_size pairs (2x as many
+    SFT rows), a forward with room taking the next user's rows; SFT in forwards of 2 rows gives what one forward of
+    all 7 gives, within rounding."""
+    users = {"alice": user_data(1, 3), "bob": user_data(2, 2), "carol": user_data(3, 2)}
+    sft = collate([s.prompts[d.prompt] for s, _ in users.values() for d in s.demos],
+                  [d.ids for s, _ in users.values() for d in s.demos], 0)  # fmt: skip
+    runs = [uid for uid, (s, _) in users.items() for _ in s.demos]
+    jobs, rows = {}, []
+    for micro in ("1", "4"):
+        job = jobs[micro] = make_backend(tiny_model_path, "--train.micro_batch_size", micro)
+        for uid in users:
+            torch.manual_seed(0)
+            job.add_run(uid)
+        job.model.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+        rows.clear()
+        losses = job.sft_step(sft, runs)
+        assert rows == ([2, 2, 2, 1] if micro == "1" else [7]), micro
+        jobs[micro] = (job, losses)
+    (chunked, chunked_losses), (whole, whole_losses) = jobs["1"], jobs["4"]
+    assert chunked_losses == pytest.approx(whole_losses, abs=1e-6)
+    for uid in users:
+        for a, b in zip(chunked.adapters.params(f"{uid}/sft"), whole.adapters.params(f"{uid}/sft"), strict=True):
+            # Adam's first step is about lr x the sign of each gradient: a near-zero one flips under rounding
+            assert (a - b).abs().max() <= 1e-4, uid  # 1% of the lr; a row routed to another user moves by lr
+        torch.manual_seed(0)
+        whole.freeze_reference(uid, None)
+    rows.clear()
+    whole.train_step({uid: collate_pairs(sampler.sample(3), store, 0) for uid, (store, sampler) in users.items()})
+    assert rows == [8, 8, 2], "9 pairs in forwards of 4: alice's 3 and bob's 1st, bob's 2 and carol's 2, carol's 3rd"
 
 
 def test_each_row_is_scored_by_its_own_users_reference_and_policy(tiny_model_path, one_thread):

@@ -122,7 +122,8 @@ def add_ditto_args(parser: argparse.ArgumentParser) -> None:
         "--train.micro_batch_size",
         type=int,
         default=8,
-        help="pairs per forward/backward; gradients accumulate to --train.batch_size (default: 8)",
+        help="pairs per forward/backward, of one user or several (--data.users); gradients accumulate to "
+        "--train.batch_size (default: 8)",
     )
     g.add_argument(
         "--train.seed", type=int, default=42, help="seed of sampling, pair drawing and adapter init (default: 42)"
