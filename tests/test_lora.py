@@ -1,7 +1,7 @@
 """Many runs on one base model (backends/lora.py, backends/local.py), fp32 on the tiny model.
 
-A batched step: every user's rows in one forward and backward, each through their own adapters, and each user's own
-optimiser step; each user's adapters after a batched job equal a job of that user alone, within float rounding, with
+A batched step: every user's rows in forwards and backwards of at most the micro-batch that several users share, each
+row through its own user's adapters, and each user's own optimiser step; each user's adapters after a batched job equal a job of that user alone, within float rounding, with
 users that joined at different times, with and without gradient checkpointing (its recomputed forward must route the
 rows as the first one did).
 

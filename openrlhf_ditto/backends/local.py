@@ -5,8 +5,9 @@ Precision: --ds.param_dtype (`models.param_dtype`; fp32 on CPU, bf16 on CUDA by 
 full-parameter training keeps fp32 master weights in bf16 (Fp32MasterAdamW). With LoRA (the paper's setting) each run
 has two adapters (backends/lora.py): its SFT adapter, frozen after the warm start (pi_0 = the base and it: the run's
 reference), and its DITTO adapter stacked on it (the policy). Every call takes the rows of all runs at once, each row
-through its own run's adapters: one forward (and backward) for everyone; each run then steps its own optimiser, lr
-schedule and gradient clipping, so that who else is in the job changes no run's numbers. Full-parameter training
+through its own run's adapters, in forwards (and backwards) that hold several runs' rows, of at most
+--train.micro_batch_size pairs; each run then steps its own optimiser, lr schedule and gradient clipping, so that who
+else is in the job changes no run's numbers. Full-parameter training
 (--ds.lora.rank 0) trains the model itself, against a frozen copy: one run only. The run "" (a single-user run) saves
 its reference/ and final/ as Hugging Face model folders (its adapter beside them, in adapter/); the runs of a
 many-users job, which share the base, save adapters of the base only. Rollouts (--rollout.engine): our batched sampler
