@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -198,5 +199,10 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     tmp = cache / f".{folder.name}.tmp{os.getpid()}"
     save_pretrained(model, tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished its conversion first: keep that one
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return folder

@@ -7,12 +7,12 @@ has two adapters (backends/lora.py): its SFT adapter, frozen after the warm star
 reference), and its DITTO adapter stacked on it (the policy). Every call takes the rows of all runs at once, each row
 through its own run's adapters, in forwards (and backwards) that hold several runs' rows, of at most
 --train.micro_batch_size pairs; each run then steps its own optimiser, lr schedule and gradient clipping, so that who
-else is in the job changes no run's numbers. Full-parameter training
-(--ds.lora.rank 0) trains the model itself, against a frozen copy: one run only. The run "" (a single-user run) saves
-its reference/ and final/ as Hugging Face model folders (its adapter beside them, in adapter/); the runs of a
-many-users job, which share the base, save adapters of the base only. Rollouts (--rollout.engine): our batched sampler
-(backends/sampling.py) with per-row adapters, or an in-process vLLM engine (backends/vllm_engine.py): every run's
-prompts in one call, each with its run's policy as a LoRA adapter."""
+else is in the job changes no run's numbers. Full-parameter training (--ds.lora.rank 0) trains the model itself,
+against a frozen copy: one run only. The run "" (a single-user run) saves its reference/ and final/ as Hugging Face
+model folders (its adapter beside them, in adapter/); the runs of a many-users job, which share the base, save
+adapters of the base only. Rollouts (--rollout.engine): our batched sampler (backends/sampling.py) with per-row
+adapters, or an in-process vLLM engine (backends/vllm_engine.py): every run's prompts in one call, each with its
+run's policy as a LoRA adapter."""
 
 import contextlib
 import copy
