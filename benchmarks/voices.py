@@ -7,7 +7,7 @@ project. The metric: the share of sampled held-out answers (temperature 1) that 
 and all of them, with 95% bootstrap intervals over voices x prompts (a prompt's samples resampled together).
 
 Runs per voice, each `openrlhf-ditto train` with the quick start's flags (the small preset, its lengths) plus:
-  ditto        nothing: SFT (the preset's loose warm start, loss 2.0) -> pi_0 (sft), then DITTO (ditto)
+  ditto        nothing: SFT (the preset's warm start) -> pi_0 (sft), then DITTO (ditto)
   offline      from pi_0: one round of sampling at the start, the same number of steps (the paper's "sample only
                at start")
   online_only  from pi_0: --ditto.pair_fractions 1 0 0 (no replay, no inter-model pairs)
@@ -143,7 +143,7 @@ PAPER = {
 WHAT = {
     "zero-shot": "base model",
     "few-shot": "base model, the 6 demos in context",
-    "sft": "pi_0: SFT to loss 2.0 (the preset)",
+    "sft": "pi_0: the preset's SFT",
     "ditto": "DITTO from sft (the preset)",
     "offline": "one round of sampling, same steps",
     "online_only": "online pairs only",
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=None, help="default: all")
     parser.add_argument("--prompts", type=int, default=None, help="held-out prompts per voice (default: all 24)")
     parser.add_argument("--samples", type=int, default=None, help="samples per prompt and condition (default: 4)")
-    parser.add_argument("--tight_loss", default="1.0", help="sft_tight's SFT stop loss (default: the paper's 1.0)")
+    parser.add_argument("--tight_loss", default="0.5", help="sft_tight's SFT stop loss, below the preset's 1.0")
     parser.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--flags", default="", help="extra `train` flags for every run")
     args = parser.parse_args(argv)
@@ -282,11 +282,15 @@ def report(results: dict) -> None:
     print("The paper's Table 3 shape: the share of sampled held-out answers that satisfy all of their voice's rules,")
     print(f"in % [95% bootstrap interval over the {n} voice x prompt units]. The paper's column is a win rate (GPT-4")
     print("judge, CMCC, Mistral-7B): compare the order of the rows, not the numbers.\n")
-    print("| condition | what | all rules, ours | cut at the budget | the paper |")
-    print("| --- | --- | ---: | ---: | --- |")
+    print("| condition | what | all rules, ours | cut at the budget | all rules, answers that ended | the paper |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
     for c in wanted:
-        cut = 100 * np.mean(results["truncated"][c])
-        print(f"| {c} | {WHAT[c]} | {pct(bootstrap(units(results, c)))} | {cut:.0f}% | {PAPER[c]} |")
+        cut = np.array(results["truncated"][c])
+        # a cut answer has lost its sign-off: the share among the others tells a voice lost from an answer too long
+        passed = np.array([s["all"] for v in voices for prompt in results["checks"][c][v] for s in prompt])
+        ended = f"{100 * passed[~cut].mean():.1f}" if (~cut).any() else "-"
+        cells = [c, WHAT[c], pct(bootstrap(units(results, c))), f"{100 * cut.mean():.0f}%", ended, PAPER[c]]
+        print("| " + " | ".join(cells) + " |")
     print("\nEach rule, per voice (% of samples that pass it):\n")
     print("| voice | rule | " + " | ".join(wanted) + " |")
     print("| --- | --- |" + " ---: |" * len(wanted))
@@ -300,6 +304,7 @@ def report(results: dict) -> None:
         ("ditto", c, f"DITTO vs {c} (the paper: DITTO ahead)") for c in ("offline", "online_only", "updated_ref")
     ]
     pairs += [("sft", "few-shot", "SFT vs few-shot"), ("sft_tight", "sft", "tight vs loose warm start")]
+    pairs += [("ditto_tight", "ditto", "DITTO from the tight warm start vs from the preset's")]
     for a, b, what in pairs:
         if a in wanted and b in wanted:
             cell = bootstrap(units(results, a) - units(results, b))

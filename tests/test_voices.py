@@ -75,6 +75,7 @@ def test_quick_path_on_the_tiny_model(voices, tiny_model_path, tmp_path, capsys)
         assert len(per_prompt) == 2 and all(len(p) == 2 for p in per_prompt)
         assert f"| {c} |" in out
     assert "ditto - sft:" in out and "ditto_tight - sft_tight:" in out and "ditto - updated_ref:" in out
+    assert "| all rules, answers that ended |" in out and "ditto_tight - ditto:" in out
     stages = sorted(p.name for p in (tmp_path / "gardener" / "updated_ref").iterdir())
     assert stages == ["stage_1", "stage_2"]  # --quick: 2 iterations, each its own run against the last policy
     assert json.loads((tmp_path / "results.json").read_text())["samples"] == 2
