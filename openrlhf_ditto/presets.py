@@ -13,7 +13,7 @@ SMALL_MODEL = [
     # the paper's 1.0: on 5 rule-checked voices DITTO from it beat its SFT by +9.2 [+3.3, +15.2] points; from 2.0 it
     # lost to its SFT by -6.0 [-10.4, -1.9] (README, rule-checked voices)
     "--ditto.sft_stop_loss", "1.0",
-    "--ditto.iterations", "2",  # on real authors iteration 2 led SFT by 9.7 points and iteration 3 by 1.1 (README)
+    "--ditto.iterations", "2",  # the voices benchmark measured 2 (README); 3 did no better on six real authors
     "--ditto.resample_every", "5",
     "--actor.adam.lr", "3e-4",
     "--train.batch_size", "8",
